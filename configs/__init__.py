@@ -1,0 +1,1 @@
+"""Experiment configs: one file per network, presets chosen by the argument after ':'."""

@@ -1,0 +1,52 @@
+"""What the experiment files share: the base schema and the presets.
+
+    get_config('')       the network's strong recipe (GPU/TPU budget)
+    get_config('paper')  the study as published: Adam, batch 128, 20 epochs, pixels in [0, 1],
+                         no augmentation, no schedule
+    get_config('smoke')  a tiny variant of the network on a tiny in-process synthetic data set:
+                         under a minute on 2 CPU cores, writes everything a real run writes
+"""
+import ml_collections
+
+from hybridvit_jax import configuration, models
+
+PRESETS = ('', 'paper', 'smoke')
+
+
+def make_config(*, variant: str, smoke_variant: str, recipe: dict, paper: dict,
+                preset: str = '') -> ml_collections.ConfigDict:
+  """The base config with the network `variant` (models.VARIANTS) and the preset applied.
+
+  recipe: overrides (dotted keys) that make the default preset; paper: the paper preset's
+  network-specific overrides (its learning rate, say).
+  """
+  if preset not in PRESETS:
+    raise configuration.ConfigError(
+        f'preset {preset!r} is unknown: expected one of {", ".join(p or "(none)" for p in PRESETS)}')
+  config = configuration.base_config()
+  config.model.update(models.VARIANTS[variant])
+  if preset == '':
+    _set(config, recipe)
+  elif preset == 'paper':
+    _set(config, {
+        'batch_size': 128, 'num_epochs': 20, 'optimizer.name': 'adam', 'optimizer.schedule': 'constant',
+        'optimizer.warmup_epochs': 0.0, 'optimizer.weight_decay': 0.0, 'optimizer.grad_clip_norm': 0.0,
+        'data.mean': (0.0, 0.0, 0.0), 'data.std': (1.0, 1.0, 1.0), 'data.crop_padding': 0,
+        'data.flip': False, 'label_smoothing': 0.0, **paper})
+  else:
+    config.model.update(models.VARIANTS[smoke_variant])
+    _set(config, {
+        'data.name': 'synthetic', 'data.train_split': 'train[:448]', 'data.val_split': 'train[448:]',
+        'data.test_split': 'test', 'num_epochs': 3, 'batch_size': 64, 'eval_batch_size': 128,
+        'log_every_steps': 5, 'optimizer.name': 'adam', 'optimizer.learning_rate': 3e-3,
+        'optimizer.warmup_epochs': 0.0, 'optimizer.weight_decay': 0.0})
+  return config
+
+
+def _set(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  for dotted_key, value in overrides.items():
+    *parents, leaf = dotted_key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value

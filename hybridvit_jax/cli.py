@@ -1,0 +1,74 @@
+"""What every command-line entry point shares: flag parsing, multi-process start-up, and
+turning bad input into one line on stderr with exit code 2."""
+import logging as python_logging
+import os
+import sys
+
+import jax
+from absl import flags, logging
+
+from hybridvit_jax import configuration, data
+
+# Bad input a user can fix: reported in one line, exit code 2, nothing written.
+USAGE_EXIT_CODE = 2
+USAGE_ERRORS = (configuration.ConfigError, data.DataError)
+
+
+class _QuietLibraryInfo(python_logging.Filter):
+  """Drops the INFO lines Orbax writes for every save (dozens per checkpoint); keeps warnings."""
+
+  def filter(self, record):
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+
+
+def fail(message: str) -> None:
+  """Prints `error: message` on stderr and exits with the usage exit code."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT_CODE)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config override reported as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except  # a bad flag, or an error from a config file
+    cause = error.__cause__ if isinstance(error.__cause__, USAGE_ERRORS) else error
+    fail(str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__)
+
+
+def run_and_exit(main_fn, *args, **kwargs):
+  """Calls main_fn; a usage error becomes one line on stderr and exit code 2."""
+  try:
+    return main_fn(*args, **kwargs)
+  except USAGE_ERRORS as error:
+    fail(str(error))
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Starts JAX's multi-process runtime when asked for, or when a multi-worker cluster
+  (Cloud TPU pod, SLURM job) is detected; on one plain machine it does nothing."""
+  if coordinator_address or num_processes:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs; harmless elsewhere
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  elif _in_multi_worker_cluster():
+    jax.distributed.initialize()
+
+
+def _in_multi_worker_cluster() -> bool:
+  slurm_tasks = int(os.environ.get('SLURM_NTASKS', '1')) if 'SLURM_JOB_ID' in os.environ else 1
+  tpu_workers = os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') + 1
+  return slurm_tasks > 1 or tpu_workers > 1
+
+
+def train_main(config, workdir: str, *, coordinator_address=None, num_processes=None, process_id=None):
+  """launch.py's body: multi-process start-up (if any), then the training loop."""
+  quiet_library_logs()
+  initialize_distributed(coordinator_address, num_processes, process_id)
+  from hybridvit_jax.training import loop  # pylint: disable=import-outside-toplevel  # after jax.distributed
+  return loop.train_and_evaluate(config, workdir)

@@ -1,0 +1,184 @@
+"""The run configuration: its schema with defaults, its validation, and its copy in a workdir.
+
+Every experiment file under `configs/` starts from `base_config()` and overrides what changes.
+`validate(config)` runs before anything compiles or writes and raises `ConfigError` with one
+line that names the key and what would be valid.
+"""
+import json
+import pathlib
+
+import ml_collections
+
+from hybridvit_jax import models
+
+RUN_CONFIG_FILE = 'config.json'
+
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('cosine', 'constant')
+INPUT_MODES = ('device',)
+NAN_POLICIES = ('stop', 'skip')
+# Keys whose change makes an existing run's checkpoints meaningless for the new config.
+RUN_IDENTITY_KEYS = ('model.', 'data.name')
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message is one line naming the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults (a strong ViT-Ti/4 recipe on CIFAR-10); locked."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_epochs = 100
+  config.max_steps = 0  # 0 = no limit; otherwise training stops after this many steps.
+  config.batch_size = 256  # global, over all devices and processes
+  config.eval_batch_size = 500
+  config.label_smoothing = 0.0
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
+  config.keep_checkpoints = 2
+  config.early_stopping_patience = 0  # epochs without a better val_accuracy; 0 = off
+  config.eval_test_every_epoch = True
+  config.nan_policy = 'stop'
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'cifar10'
+  config.data.data_dir = ''
+  config.data.manual_dir = ''
+  config.data.train_split = 'train[:45000]'
+  config.data.val_split = 'train[45000:]'
+  config.data.test_split = 'test'
+  config.data.input_mode = 'device'
+  config.data.mean = (0.4914, 0.4822, 0.4465)  # per channel, of pixels scaled to [0, 1]
+  config.data.std = (0.2470, 0.2435, 0.2616)
+  config.data.crop_padding = 4  # random crop after zero padding; 0 = off
+  config.data.flip = True  # random horizontal flip
+  config.data.synthetic_train_examples = 512
+  config.data.synthetic_test_examples = 256
+
+  config.model = models.default_model_config()
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 1e-3  # peak, for the global batch size
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_epochs = 5.0
+  config.optimizer.end_learning_rate_factor = 0.0  # cosine ends at this fraction of the peak
+  config.optimizer.weight_decay = 0.05  # decoupled for adamw, L2 for sgd; never on norms/biases
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.momentum = 0.9  # sgd
+  config.optimizer.nesterov = False  # sgd
+  config.optimizer.grad_clip_norm = 1.0  # global norm; 0 = off
+
+  config.lock()
+  return config
+
+
+def _fail(key: str, value, expected: str):
+  raise ConfigError(f'{key}={value!r} is invalid: {expected} (set --config.{key}=...)')
+
+
+def _require_choice(config, key: str, choices):
+  value = config[key]
+  if value not in choices:
+    _fail(key, value, f'expected one of {", ".join(map(str, choices))}')
+
+
+def _require_positive(config, key: str, *, allow_zero: bool = False):
+  value = config[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(key, value, 'expected a number')
+  if value < 0 or (value == 0 and not allow_zero):
+    _fail(key, value, 'expected a number ' + ('>= 0' if allow_zero else '> 0'))
+
+
+def _lookup(config, dotted_key: str):
+  node = config
+  for part in dotted_key.split('.'):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int,
+             image_shape: tuple[int, int, int] | None = None) -> None:
+  """Raises ConfigError naming the first invalid key; `image_shape` enables the model checks."""
+  for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
+    _require_positive(config, key)
+  for key in ('max_steps', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding'):
+    _require_positive(config, key, allow_zero=True)
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % device_count:
+      _fail(key, config[key], f'must be divisible by the {device_count} devices')
+  if not 0.0 <= config.label_smoothing < 1.0:
+    _fail('label_smoothing', config.label_smoothing, 'expected a value in [0, 1)')
+  _require_choice(config, 'nan_policy', NAN_POLICIES)
+  _require_choice(config, 'data.input_mode', INPUT_MODES)
+  for key in ('data.mean', 'data.std'):
+    if len(_lookup(config, key)) not in (1, 3) or (key == 'data.std' and min(config.data.std) <= 0):
+      _fail(key, _lookup(config, key), 'expected 1 or 3 per-channel values (std > 0)')
+  opt = config.optimizer
+  _require_choice(config, 'optimizer.name', OPTIMIZERS)
+  _require_choice(config, 'optimizer.schedule', SCHEDULES)
+  _require_positive(config, 'optimizer.learning_rate')
+  for key in ('optimizer.warmup_epochs', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
+              'optimizer.end_learning_rate_factor'):
+    _require_positive(config, key, allow_zero=True)
+  for key in ('b1', 'b2', 'momentum'):
+    if not 0.0 <= opt[key] < 1.0:
+      _fail(f'optimizer.{key}', opt[key], 'expected a value in [0, 1)')
+  if image_shape is not None:
+    try:
+      models.validate_model_config(config.model, image_shape)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Writes the run's config as JSON (what evaluate, predict and report rebuild the run from)."""
+  path = workdir / RUN_CONFIG_FILE
+  tmp = path.with_suffix('.json.tmp')
+  tmp.write_text(config.to_json(indent=2, sort_keys=True))
+  tmp.replace(path)
+
+
+def _as_tuples(tree):
+  """JSON turns tuples into lists; the schema's sequence fields are tuples."""
+  if isinstance(tree, dict):
+    return {key: _as_tuples(value) for key, value in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_as_tuples(value) for value in tree)
+  return tree
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """Reads the config a run was started with, over the current schema (new keys keep defaults)."""
+  path = pathlib.Path(workdir) / RUN_CONFIG_FILE
+  if not path.exists():
+    raise ConfigError(f'{workdir} holds no {RUN_CONFIG_FILE}: is it the --workdir of a training run?')
+  config = base_config()
+  config.update(_as_tuples(json.loads(path.read_text())))
+  return config
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Raises ConfigError if `workdir` holds a run whose model or data set differ from `config`."""
+  if not (pathlib.Path(workdir) / RUN_CONFIG_FILE).exists():
+    return
+  saved = flatten(load_run_config(workdir).to_dict())
+  for key, value in flatten(config.to_dict()).items():
+    if key.startswith(RUN_IDENTITY_KEYS) and saved.get(key) != value:
+      raise ConfigError(
+          f'{workdir} holds a run with {key}={saved.get(key)!r}, not {value!r}: '
+          'use another --workdir, or the same config to resume')

@@ -1,0 +1,17 @@
+"""Data: tfds and synthetic sources read into numpy, JAX augmentation."""
+
+from hybridvit_jax.data.augment import augment
+from hybridvit_jax.data.augment import normalize
+from hybridvit_jax.data.source import DataError
+from hybridvit_jax.data.source import dataset_info
+from hybridvit_jax.data.source import DatasetInfo
+from hybridvit_jax.data.source import load_split
+
+__all__ = [
+    'DataError',
+    'DatasetInfo',
+    'augment',
+    'dataset_info',
+    'load_split',
+    'normalize',
+]

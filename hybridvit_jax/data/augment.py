@@ -1,0 +1,93 @@
+"""Batch augmentation and normalisation in pure JAX, for use inside a jitted step.
+
+Every function is deterministic for a given key and works on whole batches of
+images laid out [batch, height, width, channels].
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def normalize(
+    images: jax.Array, mean: Sequence[float], std: Sequence[float]
+) -> jax.Array:
+  """Scales pixel values to [0, 1], then standardises each channel.
+
+  Args:
+    images: uint8 [B, H, W, C], pixel values 0..255.
+    mean: C per-channel means, in [0, 1] units.
+    std: C per-channel standard deviations, in [0, 1] units.
+
+  Returns:
+    float32 [B, H, W, C]: (images / 255 - mean) / std.
+  """
+  scaled = images.astype(jnp.float32) / 255.0
+  return (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+      std, jnp.float32
+  )
+
+
+def augment(
+    key: jax.Array, images: jax.Array, *, crop_padding: int, flip: bool
+) -> jax.Array:
+  """Random crop after zero padding, then random horizontal flip, per example.
+
+  Args:
+    key: PRNG key; the same key gives the same output.
+    images: [B, H, W, C], any dtype.
+    crop_padding: pixels of zeros added on each side before cropping back to
+      H x W at a uniformly random offset; 0 disables cropping. Static.
+    flip: whether to mirror each example's width axis with probability 0.5.
+      Static.
+
+  Returns:
+    [B, H, W, C], same dtype as `images`.
+  """
+  crop_key, flip_key = jax.random.split(key)
+  if crop_padding > 0:
+    images = random_crop(crop_key, images, crop_padding)
+  if flip:
+    images = random_flip(flip_key, images)
+  return images
+
+
+def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
+  """Crops each example at its own random offset from its zero-padded copy.
+
+  Args:
+    key: PRNG key.
+    images: [B, H, W, C].
+    padding: pixels of zeros added on each side of height and width.
+
+  Returns:
+    [B, H, W, C], same dtype; example b equals
+    padded[b, dy:dy + H, dx:dx + W] for random dy, dx in [0, 2 * padding].
+  """
+  batch_size, height, width, channels = images.shape
+  padded = jnp.pad(
+      images, ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  )
+  offsets = jax.random.randint(key, (batch_size, 2), 0, 2 * padding + 1)
+
+  def crop_one(image: jax.Array, offset: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], 0), (height, width, channels)
+    )
+
+  return jax.vmap(crop_one)(padded, offsets)
+
+
+def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Mirrors the width axis of each example with probability 0.5.
+
+  Args:
+    key: PRNG key.
+    images: [B, H, W, C].
+
+  Returns:
+    [B, H, W, C], same dtype.
+  """
+  flipped = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+  return jnp.where(flipped, images[:, :, ::-1, :], images)

@@ -1,0 +1,63 @@
+"""Evaluates a run's checkpoint on a whole split.
+
+    python -m hybridvit_jax.evaluate --workdir=runs/vit [--checkpoint=best|latest] [--split=test]
+
+The last line printed is one JSON object: {"accuracy", "loss", "examples", "split", "step", ...}.
+--split is test, val or train (the run's configured splits) or any tfds split string.
+"""
+import json
+import pathlib
+
+import jax
+from absl import app, flags
+
+from hybridvit_jax import cli, configuration, data
+from hybridvit_jax.training import loop
+from hybridvit_jax.training.checkpoint import RunCheckpoints
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The --workdir of a training run.', required=True)
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                                'best: best validation accuracy; latest: the newest.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'test, val, train, or a tfds split string.')
+
+
+def resolve_split(config, split: str) -> str:
+  """'test' / 'val' / 'train' -> the run's configured split; anything else is a tfds split."""
+  named = {'test': config.data.test_split, 'val': config.data.val_split, 'train': config.data.train_split}
+  return named.get(split, split)
+
+
+def restore_run(workdir: pathlib.Path, checkpoint: str = 'best'):
+  """(config, info, mesh, state, eval_step) of a run's `checkpoint` ('best' or 'latest')."""
+  config = configuration.load_run_config(workdir)
+  info = data.dataset_info(config.data)
+  mesh = loop.make_mesh()
+  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=1, total_steps=1)
+  checkpoints = RunCheckpoints(workdir, read_only=True)
+  restored = checkpoints.restore(jax.eval_shape(init_state), checkpoint)
+  checkpoints.close()
+  if restored is None:
+    raise configuration.ConfigError(f'{workdir} holds no {checkpoint} checkpoint: train it first with launch.py')
+  return config, info, mesh, restored[0], eval_step
+
+
+def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test') -> dict:
+  """Loss and accuracy of a run's checkpoint over every example of `split`."""
+  config, _, mesh, state, eval_step = restore_run(pathlib.Path(workdir), checkpoint)
+  split_spec = resolve_split(config, split)
+  arrays = data.load_split(config.data, split_spec)
+  result = loop.evaluate_split(eval_step, state, arrays, batch_size=config.eval_batch_size, mesh=mesh)
+  return {'workdir': str(workdir), 'checkpoint': checkpoint, 'step': int(state.step), 'split': split_spec,
+          **result}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.quiet_library_logs()
+  result = cli.run_and_exit(evaluate, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

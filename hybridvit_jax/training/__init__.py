@@ -1,0 +1,1 @@
+"""Training: state, optimizer, pure steps, metrics, checkpoints and the loop."""

@@ -1,0 +1,71 @@
+"""Orbax checkpoints of a run (the only module that imports orbax).
+
+Layout under WORKDIR/checkpoints:
+  latest/<step>/  periodic saves, the newest `keep` of them kept;
+  best/<step>/    the checkpoint with the best validation accuracy so far, kept apart.
+Each holds `state` (the TrainState arrays) and `meta` (JSON: epoch, best_val_accuracy,
+elapsed_s, ... whatever the loop needs to continue exactly).
+"""
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+from absl import logging
+
+from hybridvit_jax.training.state import TrainState
+
+
+def _manager(directory: pathlib.Path, keep: int, *, read_only: bool) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                         enable_async_checkpointing=not read_only,
+                                         cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+
+
+class RunCheckpoints:
+  """The latest and best checkpoints of one run; saves are asynchronous."""
+
+  def __init__(self, workdir: pathlib.Path, *, keep: int = 2, read_only: bool = False):
+    root = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.latest = _manager(root / 'latest', keep, read_only=read_only)
+    self.best = _manager(root / 'best', 1, read_only=read_only)
+
+  def _manager_named(self, which: str) -> ocp.CheckpointManager:
+    if which not in ('latest', 'best'):
+      raise ValueError(f'checkpoint {which!r} is unknown: expected latest or best')
+    return self.latest if which == 'latest' else self.best
+
+  def save(self, step: int, state: TrainState, meta: dict[str, Any], *, best: bool = False) -> None:
+    """Starts writing `state` and `meta` as step `step` (also as the best one if `best`)."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if step not in self.latest.all_steps():  # a stop right after an epoch's save
+      self.latest.save(step, args=args, force=True)
+    if best:
+      self.best.save(step, args=args, force=True)
+
+  def restore(self, target: TrainState, which: str = 'latest') -> tuple[TrainState, dict[str, Any]] | None:
+    """The newest restorable checkpoint of `which` as (state, meta), or None if there is none.
+
+    `target` gives shapes, dtypes and shardings (jax.eval_shape of the jitted initialiser). A checkpoint that fails
+    to restore (truncated, half written) is reported in one line and the previous one is tried.
+    """
+    manager = self._manager_named(which)
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except  # any damage means: try an older one
+        logging.warning('checkpoint %s/%d cannot be restored (%s); trying the previous one',
+                        which, step, type(error).__name__)
+        continue
+      return restored.state, dict(restored.meta)
+    return None
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

@@ -1,0 +1,267 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, read top to bottom in sections.
+
+Side effects (logging, history, checkpoints, signals) live here only; everything inside the
+jitted steps is pure (see steps.py).
+"""
+import functools
+import json
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hybridvit_jax import configuration, data
+from hybridvit_jax.training import optimizer as optimizer_lib
+from hybridvit_jax.training import steps
+from hybridvit_jax.training.checkpoint import RunCheckpoints
+from hybridvit_jax.training.metrics import ClassificationMetrics
+from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
+
+HISTORY_FILE = 'history.jsonl'
+
+
+# ----------------------------------------------------------------------------------- mesh
+def make_mesh() -> jax.sharding.Mesh:
+  """All devices (of all processes) on one `data` axis; batches are split along it."""
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds in full, placed on the mesh with `sharding`."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+# ---------------------------------------------------------------------------------- input
+def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """int32 [steps_per_epoch, batch_size]: the example indices of each step of `epoch`.
+
+  A function of (seed, epoch) only, so a resumed run sees the same order. The
+  `num_examples % batch_size` examples left over differ from epoch to epoch.
+  """
+  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  steps_per_epoch = num_examples // batch_size
+  return permutation[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
+
+
+def padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
+  """Yields (images, labels, mask) covering every example once; the last batch is padded and
+  its padding masked out. images uint8 [batch_size, H, W, C], labels int32, mask bool."""
+  num_examples = len(arrays['label'])
+  for start in range(0, num_examples, batch_size):
+    images = arrays['image'][start:start + batch_size]
+    labels = arrays['label'][start:start + batch_size]
+    mask = np.ones(len(labels), bool)
+    padding = batch_size - len(labels)
+    if padding:
+      images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros(padding, labels.dtype)])
+      mask = np.concatenate([mask, np.zeros(padding, bool)])
+    yield images, labels, mask
+
+
+def evaluate_split(eval_step, state: TrainState, arrays: dict[str, np.ndarray], *, batch_size: int,
+                   mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Loss and accuracy over every example of `arrays`: {'loss', 'accuracy', 'examples'}."""
+  batch_sharding = NamedSharding(mesh, P('data'))
+  metrics = ClassificationMetrics.empty()
+  for images, labels, mask in padded_batches(arrays, batch_size):
+    metrics = eval_step(state, metrics, *(to_global(x, batch_sharding) for x in (images, labels, mask)))
+  result = {name: float(value) for name, value in metrics.compute().items()}
+  return {**result, 'examples': int(metrics.accuracy.count)}
+
+
+# ---------------------------------------------------------------------------------- model
+def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh,
+                   *, steps_per_epoch: int, total_steps: int):
+  """The jitted state initialiser and train and eval steps of a run.
+
+  Returns (init_state, train_step, eval_step): `init_state()` makes a fresh state with
+  replicated parameters (`jax.eval_shape(init_state)` its abstract twin, for restoring); the
+  state is donated to the train step so its buffers are reused in place.
+  """
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
+                                           total_steps=total_steps)
+  graphdef = model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
+  replicated = NamedSharding(mesh, P())
+  init = functools.partial(init_train_state, config.model, optimizer, num_classes=info.num_classes,
+                           image_shape=info.image_shape, seed=config.seed)
+  init_state = jax.jit(init, out_shardings=replicated)
+  train_step = jax.jit(
+      functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+                        seed_key=jax.random.fold_in(jax.random.key(config.seed), 1), config=config),
+      out_shardings=replicated, donate_argnums=(0, 1))
+  eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, config=config),
+                      out_shardings=replicated, donate_argnums=(1,))
+  return init_state, train_step, eval_step
+
+
+# -------------------------------------------------------------------------------- history
+def read_history(workdir: pathlib.Path) -> list[dict[str, Any]]:
+  """The run's per-epoch records, oldest first."""
+  path = pathlib.Path(workdir) / HISTORY_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_history(workdir: pathlib.Path, last_step: int) -> None:
+  """Drops records written after the checkpoint a run resumes from (their work is redone)."""
+  records = [r for r in read_history(workdir) if r['step'] <= last_step]
+  path = pathlib.Path(workdir) / HISTORY_FILE
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def append_history(workdir: pathlib.Path, record: dict[str, Any]) -> None:
+  with open(pathlib.Path(workdir) / HISTORY_FILE, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+# ------------------------------------------------------------------------------- signals
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, _frame):
+    self.signal_name = signal.Signals(signum).name
+
+  def __bool__(self):
+    return self.signal_name is not None
+
+  def restore_handlers(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------- train
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Writes WORKDIR/config.json, history.jsonl (one record per epoch), TensorBoard event files
+  and checkpoints/. Returns the last history record (or {} when nothing was left to do).
+  """
+  workdir = pathlib.Path(workdir)
+  is_chief = jax.process_index() == 0
+
+  # -- config and data: every check happens before anything is written or compiled.
+  info = data.dataset_info(config.data)
+  configuration.validate(config, device_count=jax.device_count(), image_shape=info.image_shape)
+  configuration.check_same_run(config, workdir)
+  train_arrays = data.load_split(config.data, config.data.train_split)
+  eval_arrays = {'val': data.load_split(config.data, config.data.val_split)}
+  if config.eval_test_every_epoch:
+    eval_arrays['test'] = data.load_split(config.data, config.data.test_split)
+  num_train = len(train_arrays['label'])
+  if num_train < config.batch_size:
+    raise configuration.ConfigError(
+        f'batch_size={config.batch_size} is larger than the {num_train} examples of '
+        f'{config.data.train_split!r}: set --config.batch_size to at most {num_train}')
+  steps_per_epoch = num_train // config.batch_size
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_chief:
+    configuration.save_run_config(config, workdir)
+
+  # -- mesh, state, steps.
+  mesh = make_mesh()
+  init_state, train_step, eval_step = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
+                                                     total_steps=total_steps)
+  replicated = NamedSharding(mesh, P())
+  train_images = to_global(train_arrays['image'], replicated)
+  train_labels = to_global(train_arrays['label'], replicated)
+
+  # -- checkpoint: resume from the newest restorable one.
+  checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  meta = {'best_val_accuracy': -1.0, 'epochs_without_improvement': 0, 'elapsed_s': 0.0}
+  restored = checkpoints.restore(jax.eval_shape(init_state))
+  if restored is not None:
+    state, meta = restored
+    logging.info('resumed from step %d of %d', int(state.step), total_steps)
+  else:
+    state = init_state()
+  start_step = int(state.step)
+  if is_chief:
+    truncate_history(workdir, start_step)
+    parameter_overview.log_parameter_overview(state.params)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  if start_step == 0:
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                         for k, v in configuration.flatten(config.to_dict()).items()})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+
+  # -- loop.
+  stop = StopRequest()
+  record: dict[str, Any] = {}
+  session_start = time.time() - meta['elapsed_s']
+  step = start_step
+  try:
+    while step < total_steps and not stop:
+      epoch = step // steps_per_epoch
+      order = to_global(epoch_order(config.seed, epoch, num_train, config.batch_size),
+                        NamedSharding(mesh, P(None, 'data')))
+      metrics = ClassificationMetrics.empty()
+      epoch_start, epoch_first_step = time.time(), step
+      epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+      while step < epoch_end and not stop:
+        state, metrics = train_step(state, metrics, train_images, train_labels, order)
+        step += 1
+        for hook in hooks:
+          hook(step)
+        if step % config.log_every_steps == 0:
+          writer.write_scalars(step, {f'train_{k}': v for k, v in metrics.compute().items()})
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
+          checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
+      if stop:
+        break
+
+      # -- end of epoch (or of max_steps): evaluate, record, checkpoint.
+      train_result = {k: float(v) for k, v in metrics.compute().items()}
+      train_seconds = time.time() - epoch_start
+      results = {name: evaluate_split(eval_step, state, arrays, batch_size=config.eval_batch_size, mesh=mesh)
+                 for name, arrays in eval_arrays.items()}
+      record = {
+          'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
+          'step': step,
+          'train_loss': train_result['loss'], 'train_accuracy': train_result['accuracy'],
+          **{f'{split}_{k}': v for split, result in results.items() for k, v in result.items()
+             if k != 'examples'},
+          'elapsed_s': round(time.time() - session_start, 2),
+          'images_per_s': round((step - epoch_first_step) * config.batch_size / train_seconds, 1),
+      }
+      improved = record['val_accuracy'] > meta['best_val_accuracy']
+      meta = {'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
+              'epochs_without_improvement': 0 if improved else meta['epochs_without_improvement'] + 1,
+              'elapsed_s': record['elapsed_s']}
+      checkpoints.save(step, state, meta, best=improved)
+      if is_chief:
+        append_history(workdir, record)
+      writer.write_scalars(step, {k: v for k, v in record.items() if k not in ('step',)})
+      logging.info('epoch %s: %s', record['epoch'], json.dumps(record))
+      if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
+        logging.info('early stopping: val_accuracy has not improved for %d epochs',
+                     meta['epochs_without_improvement'])
+        break
+  finally:
+    stop.restore_handlers()
+    if stop:
+      checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
+    checkpoints.wait()
+    checkpoints.close()
+    writer.flush()
+  if stop:
+    print(f'stopped at step {step} ({stop.signal_name}); run the same command to resume', flush=True)
+  return record
+

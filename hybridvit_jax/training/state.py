@@ -1,0 +1,44 @@
+"""The training state: plain pytrees of arrays, created already sharded on the mesh."""
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from hybridvit_jax import models
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything the step updates.
+
+  step: int32 scalar, the number of optimizer steps taken.
+  params: nested dict of float32 arrays (the model's nnx.Param values).
+  model_state: nested dict of the model's other variables (BatchNorm statistics).
+  opt_state: the optax state for `params`.
+  """
+  step: jax.Array
+  params: dict
+  model_state: dict
+  opt_state: optax.OptState
+
+
+def model_graphdef(model_config: ml_collections.ConfigDict, *, num_classes: int,
+                   image_shape: tuple[int, int, int]) -> nnx.GraphDef:
+  """The model's static structure, built without allocating parameters."""
+  abstract_model = nnx.eval_shape(lambda: models.create_model(
+      model_config, num_classes=num_classes, image_shape=image_shape, rngs=nnx.Rngs(0)))
+  graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+  return graphdef
+
+
+def init_train_state(model_config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+                     *, num_classes: int, image_shape: tuple[int, int, int], seed: int) -> TrainState:
+  """A fresh state; pure, so it can run under jax.jit with replicated out_shardings."""
+  model = models.create_model(model_config, num_classes=num_classes, image_shape=image_shape,
+                              rngs=nnx.Rngs(seed))
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    model_state=nnx.to_pure_dict(model_state), opt_state=optimizer.init(params))

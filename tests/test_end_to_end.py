@@ -1,0 +1,89 @@
+"""What a user does: train the smoke preset, resume, evaluate, and mistype things."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import hybrid, resnet50, vit
+from hybridvit_jax import configuration
+from hybridvit_jax.evaluate import evaluate
+from hybridvit_jax.training import loop
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HISTORY_FIELDS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'test_loss',
+                  'test_accuracy', 'elapsed_s', 'images_per_s'}
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('experiment', [vit, resnet50, hybrid], ids=['vit', 'resnet50', 'hybrid'])
+def test_smoke_preset_trains_every_network(experiment, tmp_path):
+  config = experiment.get_config('smoke')
+  config.num_epochs = 2
+  record = loop.train_and_evaluate(config, tmp_path)
+  history = loop.read_history(tmp_path)
+  assert [r['epoch'] for r in history] == [1, 2] and history[-1] == record
+  assert HISTORY_FIELDS <= set(record)
+  assert history[1]['train_loss'] < history[0]['train_loss']
+  assert (tmp_path / 'config.json').exists()
+  assert list((tmp_path / 'checkpoints' / 'latest').iterdir()) and list((tmp_path / 'checkpoints' / 'best').iterdir())
+  assert list(tmp_path.glob('events.out.tfevents.*'))
+
+
+def test_launch_resume_and_evaluate_from_the_command_line(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}',
+                      '--config.num_epochs=1')
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert len(loop.read_history(workdir)) == 1
+  second = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}',
+                       '--config.num_epochs=2')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'resumed from step 7' in second.stderr
+  history = loop.read_history(workdir)
+  assert [(r['epoch'], r['step']) for r in history] == [(1, 7), (2, 14)]
+  result = run_command('-m', 'hybridvit_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest')
+  assert result.returncode == 0, result.stderr[-3000:]
+  evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+  assert evaluation['examples'] == 256 and evaluation['step'] == 14
+  assert evaluation['accuracy'] == pytest.approx(history[-1]['test_accuracy'], abs=1e-6)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+  def config(epochs):
+    c = vit.get_config('smoke')
+    c.update({'num_epochs': epochs, 'eval_test_every_epoch': False})
+    c.optimizer.schedule = 'constant'
+    c.model.dropout_rate = 0.1
+    return c
+  loop.train_and_evaluate(config(2), tmp_path / 'straight')
+  loop.train_and_evaluate(config(1), tmp_path / 'resumed')
+  loop.train_and_evaluate(config(2), tmp_path / 'resumed')
+  straight = evaluate(str(tmp_path / 'straight'), 'latest')
+  resumed = evaluate(str(tmp_path / 'resumed'), 'latest')
+  assert straight['step'] == resumed['step'] == 14
+  assert (straight['loss'], straight['accuracy']) == (resumed['loss'], resumed['accuracy'])
+
+
+def test_bad_override_fails_in_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  for override in ('--config.batch_size=-4', '--config.no_such_key=1', '--config.model.patch_size=5'):
+    result = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}', override)
+    assert result.returncode == 2, (override, result.stderr[-2000:])
+    assert result.stderr.strip().splitlines()[-1].startswith('error: '), result.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  config = vit.get_config('smoke')
+  config.num_epochs = 1
+  loop.train_and_evaluate(config, tmp_path)
+  other = hybrid.get_config('smoke')
+  with pytest.raises(configuration.ConfigError, match='model.'):
+    loop.train_and_evaluate(other, tmp_path)

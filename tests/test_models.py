@@ -1,0 +1,263 @@
+"""Tests of hybridvit_jax.models: shapes, exact parameter counts, training behaviour and config validation."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from hybridvit_jax import models
+from hybridvit_jax.models import layers
+from hybridvit_jax.models.vit import drop_path_rates
+
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+TINY_VARIANTS = ('vit_test', 'hybrid_test', 'resnet_test')
+
+# On 32x32x3 images with 10 classes; vit_ti4, resnet50 and resnet50_imagenet equal timm's counts.
+EXPECTED_PARAMS = {
+    'vit_ti4': 5_362_762,
+    'hybrid_ti': 5_453_962,
+    'resnet50': 23_520_842,
+    'resnet50_imagenet': 23_528_522,
+    'vit_test': 21_162,
+    'hybrid_test': 21_554,
+    'resnet_test': 130_002,
+}
+
+
+def make_config(variant, **overrides):
+  cfg = models.variant_config(variant)
+  cfg.update(overrides)
+  return cfg
+
+
+def build(cfg, image_shape=IMAGE_SHAPE, seed=0):
+  return models.create_model(cfg, num_classes=NUM_CLASSES, image_shape=image_shape, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg, image_shape=IMAGE_SHAPE):
+  """The model with shape-only parameters: nothing is initialised or computed."""
+  return nnx.eval_shape(lambda: build(cfg, image_shape))
+
+
+@functools.cache
+def abstract_variant(variant):
+  return abstract_model(models.variant_config(variant))
+
+
+def standard_normal(shape, seed=0):
+  """A float32 N(0, 1) array drawn with numpy: eager jax ops compile one by one, which is slow."""
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
+def random_images(batch, image_shape=IMAGE_SHAPE):
+  return standard_normal((batch, *image_shape))
+
+
+@nnx.jit(static_argnames='train')
+def forward(model, images, train, rngs=None):
+  return model(images, train=train, rngs=rngs)
+
+
+def param_paths(model):
+  return {'/'.join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_expected_counts_cover_every_variant():
+  assert set(EXPECTED_PARAMS) == set(models.VARIANTS)
+  assert set(models.MODELS) == {'vit', 'hybrid', 'resnet50'}
+
+
+@pytest.mark.parametrize('variant', sorted(models.VARIANTS))
+def test_param_count(variant):
+  assert models.count_params(abstract_variant(variant)) == EXPECTED_PARAMS[variant]
+
+
+@pytest.mark.parametrize('variant', sorted(models.VARIANTS))
+def test_logits_shape_and_dtype(variant):
+  images = random_images(2)
+  if variant in TINY_VARIANTS:
+    logits = forward(build(models.variant_config(variant)), images, train=False)
+    assert np.isfinite(logits).all()
+  else:  # too big to run on CPU in a unit test: trace it only
+    logits = nnx.eval_shape(lambda model, x: model(x, train=False), abstract_variant(variant), images)
+  assert logits.shape == (2, NUM_CLASSES)
+  assert logits.dtype == jnp.float32
+
+
+def test_non_square_images_make_a_non_square_token_grid():
+  model = abstract_model(make_config('hybrid_test'), image_shape=(16, 24, 3))
+  assert model.grid_shape == (2, 3)  # stem pools 16x24 to 4x6, patches of 2
+  logits = nnx.eval_shape(lambda m, x: m(x, train=False), model, random_images(2, (16, 24, 3)))
+  assert logits.shape == (2, NUM_CLASSES)
+
+
+def test_hybrid_without_stem_is_the_plain_vit():
+  hybrid = build(make_config('hybrid_test', stem_layers=0))
+  vit = build(make_config('hybrid_test', stem_layers=0, name='vit'))
+  hybrid_params, vit_params = nnx.state(hybrid, nnx.Param), nnx.state(vit, nnx.Param)
+  assert jax.tree.structure(hybrid_params) == jax.tree.structure(vit_params)
+  jax.tree.map(np.testing.assert_array_equal, hybrid_params, vit_params)
+  assert models.count_params(hybrid) == models.count_params(vit)
+
+
+def test_sincos_posemb_is_not_a_param():
+  hidden, tokens = 32, 64 + 1  # vit_test: 8x8 patches plus the class token
+  model = build(make_config('vit_test', posemb='sincos2d'))
+  assert not any('pos_embedding' in path for path in param_paths(model))
+  assert models.count_params(model) == EXPECTED_PARAMS['vit_test'] - tokens * hidden
+  table = jax.jit(model.position_embedding)()
+  assert table.shape == (1, tokens, hidden)
+  assert not table[0, 0].any()  # the class token has no position
+  assert len(np.unique(np.asarray(table[0, 1:]), axis=0)) == tokens - 1  # every patch position is distinct
+
+
+def test_mean_pooling_has_no_class_token():
+  hidden = 32
+  model = build(make_config('vit_test', pooling='mean'))
+  assert not any('cls_token' in path for path in param_paths(model))
+  assert model.position_embedding().shape == (1, 64, hidden)
+  assert models.count_params(model) == EXPECTED_PARAMS['vit_test'] - 2 * hidden  # token and its position
+  assert forward(model, random_images(2), train=False).shape == (2, NUM_CLASSES)
+
+
+def train_losses(model, images, labels, num_steps):
+  """Cross-entropy on (images, labels) before each of num_steps Adam steps, with one jitted step function."""
+  optimizer = optax.adam(3e-3)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, rest, opt_state):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      logits = model(images, train=True)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, nnx.split(model, nnx.Param, ...)[2]
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+  opt_state = jax.jit(optimizer.init)(params)
+  losses = []
+  for _ in range(num_steps):
+    params, rest, opt_state, loss = step(params, rest, opt_state)
+    losses.append(float(loss))
+  return losses
+
+
+@pytest.mark.parametrize('variant', TINY_VARIANTS)
+def test_loss_falls_on_a_fixed_batch(variant):
+  images = random_images(8)
+  labels = np.arange(8) % NUM_CLASSES
+  losses = train_losses(build(models.variant_config(variant)), images, labels, num_steps=20)
+  assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize('variant', ('resnet_test', 'hybrid_test'))
+def test_batch_norm_statistics_update_in_train_mode_only(variant):
+  model = build(models.variant_config(variant))
+  images = random_images(4)
+  before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+  forward(model, images, train=False)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), before)
+  forward(model, images, train=True)
+  changed = jax.tree.map(lambda new, old: not np.allclose(new, old), nnx.state(model, nnx.BatchStat), before)
+  assert all(jax.tree.leaves(changed))
+
+
+@pytest.mark.parametrize('rate_key', ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth_rate'))
+def test_dropout_is_random_in_train_mode_only(rate_key):
+  model = build(make_config('vit_test', **{rate_key: 0.3}))
+  model.head.kernel[...] = standard_normal(model.head.kernel.shape)  # the zero-initialised head outputs only 0
+  images = random_images(4)
+  train_a, train_a_again, train_b, eval_a, eval_b = (
+      forward(model, images, train=train, rngs=nnx.Rngs(dropout=seed))
+      for train, seed in ((True, 0), (True, 0), (True, 1), (False, 0), (False, 1)))
+  np.testing.assert_array_equal(train_a, train_a_again)
+  assert not np.allclose(train_a, train_b)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  assert not np.allclose(eval_a, train_a)
+
+
+def test_attention_with_weight_dropout_matches_the_fused_core_without_dropout():
+  query, key, value = standard_normal((3, 2, 5, 4, 8))  # each [B,T,N,H]
+  without_dropout = jax.jit(lambda q, k, v: layers.attention_with_weight_dropout(q, k, v, nnx.Dropout(0.0), None))
+  np.testing.assert_allclose(without_dropout(query, key, value),
+                             jax.jit(jax.nn.dot_product_attention)(query, key, value), rtol=1e-5, atol=1e-6)
+
+
+def test_train_with_dropout_needs_rngs():
+  model = build(make_config('vit_test', dropout_rate=0.1))
+  with pytest.raises(ValueError, match='rngs'):
+    model(random_images(1), train=True)
+
+
+def test_drop_path_rate_grows_linearly_over_blocks():
+  assert drop_path_rates(0.2, 5) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+  assert drop_path_rates(0.2, 1) == [0.0]
+  model = abstract_model(make_config('vit_test', num_layers=3, stochastic_depth_rate=0.1))
+  assert [block.drop_path.rate for block in model.blocks] == pytest.approx([0.0, 0.05, 0.1])
+
+
+@pytest.mark.parametrize('variant', sorted(models.VARIANTS))
+def test_every_variant_is_valid_for_cifar(variant):
+  models.validate_model_config(models.variant_config(variant), IMAGE_SHAPE)
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match="unknown model variant 'vit_huge'"):
+    models.variant_config('vit_huge')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(name='vgg'), "unknown model.name='vgg'"),
+    (dict(dtype='float16'), 'model.dtype'),
+    (dict(pooling='max'), 'model.pooling'),
+    (dict(posemb='rope'), 'model.posemb'),
+    (dict(name='resnet50', resnet_stem='big'), 'model.resnet_stem'),
+    (dict(hidden_size=100, num_heads=3), 'model.hidden_size=100 is not divisible by model.num_heads=3'),
+    (dict(hidden_size=34, num_heads=2, posemb='sincos2d'), 'model.hidden_size=34 must be divisible by 4'),
+    (dict(patch_size=5), 'model.patch_size=5 does not divide the 32x32 image; use a divisor such as 1, 2, 4, 8'),
+    (dict(name='hybrid', stem_layers=2, patch_size=3), 'model.patch_size=3 does not divide the 8x8 stem output'),
+    (dict(stem_layers=6), 'model.stem_layers=6'),
+    (dict(stem_layers=1, stem_strides=(0,)), 'model.stem_strides'),
+    (dict(num_layers=0), 'model.num_layers=0 must be positive'),
+    (dict(name='resnet50', resnet_width=0), 'model.resnet_width'),
+    (dict(name='resnet50', resnet_stage_sizes=(3, 0)), 'model.resnet_stage_sizes'),
+    (dict(dropout_rate=1.0), 'model.dropout_rate=1.0 must be in [0, 1)'),
+    (dict(stochastic_depth_rate=-0.1), 'model.stochastic_depth_rate'),
+])
+def test_invalid_config_is_rejected_naming_the_key(overrides, message):
+  with pytest.raises(ValueError) as error:
+    models.validate_model_config(make_config('vit_ti4', **overrides), IMAGE_SHAPE)
+  assert message in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def compute_dtypes(model, images):
+  """Output dtypes of the model's convolutions and matrix products, read off its traced eval forward pass."""
+  jaxpr = str(jax.make_jaxpr(lambda x: model(x, train=False))(images))
+  found = re.findall(r':(\w+)\[[\d,]*\] = (conv_general_dilated|dot_general)', jaxpr)
+  return {op: {dtype for dtype, name in found if name == op} for op in ('conv_general_dilated', 'dot_general')}
+
+
+@pytest.mark.parametrize('variant', TINY_VARIANTS)
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(variant):
+  model = build(make_config(variant, dtype='bfloat16'))
+  images = random_images(2)
+  assert {param.dtype for param in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+  assert jax.eval_shape(lambda x: model(x, train=False), images).dtype == jnp.float32
+  dtypes = compute_dtypes(model, images)
+  assert dtypes['conv_general_dilated'] == {'bf16'}
+  assert 'bf16' in dtypes['dot_general']  # the head, and the transformer's Linear layers
+
+
+def test_bfloat16_training_forward_is_finite():
+  model = build(make_config('hybrid_test', dtype='bfloat16'))
+  logits = forward(model, random_images(2), train=True)
+  assert logits.dtype == jnp.float32 and np.isfinite(logits).all()

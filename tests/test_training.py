@@ -1,0 +1,97 @@
+"""The training pieces: optimizer, input order, padded evaluation, and the sharded step."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import vit
+from hybridvit_jax import configuration, data
+from hybridvit_jax.training import loop, optimizer as optimizer_lib
+from hybridvit_jax.training.metrics import ClassificationMetrics
+
+
+def test_weight_decay_mask_spares_norms_biases_and_embeddings():
+  params = {'block': {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
+                      'norm': {'scale': jnp.ones(2), 'bias': jnp.ones(2)}},
+            'cls_token': jnp.ones((1, 1, 2)), 'head': {'kernel': jnp.ones((2, 3))}}
+  mask = optimizer_lib.weight_decay_mask(params)
+  assert mask == {'block': {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False, 'bias': False}},
+                  'cls_token': False, 'head': {'kernel': True}}
+
+
+def test_schedule_warms_up_then_decays_to_the_end_factor():
+  opt = configuration.base_config().optimizer
+  with opt.unlocked():
+    opt.update({'learning_rate': 1.0, 'warmup_epochs': 2.0, 'end_learning_rate_factor': 0.1})
+  schedule = optimizer_lib.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=100)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(10)) == pytest.approx(0.5)
+  assert float(schedule(20)) == pytest.approx(1.0)
+  assert float(schedule(100)) == pytest.approx(0.1)
+  assert float(schedule(60)) < float(schedule(40))
+
+
+@pytest.mark.parametrize('name', ['adam', 'adamw', 'sgd'])
+def test_every_optimizer_decreases_a_quadratic(name):
+  opt = configuration.base_config().optimizer
+  with opt.unlocked():
+    opt.update({'name': name, 'learning_rate': 0.1, 'warmup_epochs': 0.0, 'weight_decay': 0.0})
+  tx = optimizer_lib.make_optimizer(opt, steps_per_epoch=1, total_steps=50)
+  params = {'w': {'kernel': jnp.array([3.0, -2.0])}}
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(p['w']['kernel'] ** 2)
+  for _ in range(20):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(loss(params)) < 0.5 * 13.0
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+  order = loop.epoch_order(seed=3, epoch=1, num_examples=103, batch_size=10)
+  assert order.shape == (10, 10) and order.dtype == np.int32
+  assert len(np.unique(order)) == 100 and order.max() < 103
+  np.testing.assert_array_equal(order, loop.epoch_order(3, 1, 103, 10))
+  assert not np.array_equal(order, loop.epoch_order(3, 2, 103, 10))
+  assert not np.array_equal(order, loop.epoch_order(4, 1, 103, 10))
+
+
+def test_padded_batches_cover_every_example_once():
+  arrays = {'image': np.arange(7 * 2 * 2 * 1, dtype=np.uint8).reshape(7, 2, 2, 1),
+            'label': np.arange(7, dtype=np.int32)}
+  batches = list(loop.padded_batches(arrays, 4))
+  assert [b[0].shape for b in batches] == [(4, 2, 2, 1), (4, 2, 2, 1)]
+  labels = np.concatenate([labels[mask] for _, labels, mask in batches])
+  np.testing.assert_array_equal(labels, arrays['label'])
+  assert batches[1][2].tolist() == [True, True, True, False]
+
+
+def smoke_config(**overrides) -> ml_collections.ConfigDict:
+  config = vit.get_config('smoke')
+  config.update(overrides)
+  return config
+
+
+def _train_one_step(config, mesh):
+  info = data.dataset_info(config.data)
+  arrays = data.load_split(config.data, config.data.train_split)
+  init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
+  replicated = NamedSharding(mesh, P())
+  order = loop.epoch_order(config.seed, 0, len(arrays['label']), config.batch_size)
+  state, metrics = train_step(init_state(), ClassificationMetrics.empty(),
+                              loop.to_global(arrays['image'], replicated),
+                              loop.to_global(arrays['label'], replicated),
+                              loop.to_global(order, NamedSharding(mesh, P(None, 'data'))))
+  return jax.device_get(state.params), metrics.compute()
+
+
+def test_step_on_one_device_agrees_with_four_devices():
+  assert jax.device_count() == 4, 'conftest forces 4 host devices'
+  config = smoke_config()
+  one = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  params_one, metrics_one = _train_one_step(config, one)
+  params_four, metrics_four = _train_one_step(config, loop.make_mesh())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_one, params_four)
+  assert float(metrics_one['loss']) == pytest.approx(float(metrics_four['loss']), rel=1e-5)
