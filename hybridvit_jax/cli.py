@@ -71,4 +71,8 @@ def train_main(config, workdir: str, *, coordinator_address=None, num_processes=
   quiet_library_logs()
   initialize_distributed(coordinator_address, num_processes, process_id)
   from hybridvit_jax.training import loop  # pylint: disable=import-outside-toplevel  # after jax.distributed
-  return loop.train_and_evaluate(config, workdir)
+  try:
+    return loop.train_and_evaluate(config, workdir)
+  except loop.NonFiniteLossError as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(1)

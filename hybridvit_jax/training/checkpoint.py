@@ -27,6 +27,7 @@ class RunCheckpoints:
 
   def __init__(self, workdir: pathlib.Path, *, keep: int = 2, read_only: bool = False):
     root = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.read_only = read_only
     self.latest = _manager(root / 'latest', keep, read_only=read_only)
     self.best = _manager(root / 'best', 1, read_only=read_only)
 
@@ -38,10 +39,9 @@ class RunCheckpoints:
   def save(self, step: int, state: TrainState, meta: dict[str, Any], *, best: bool = False) -> None:
     """Starts writing `state` and `meta` as step `step` (also as the best one if `best`)."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    if step not in self.latest.all_steps():  # a stop right after an epoch's save
-      self.latest.save(step, args=args, force=True)
-    if best:
-      self.best.save(step, args=args, force=True)
+    for manager in (self.latest, self.best) if best else (self.latest,):
+      if step not in manager.all_steps():  # e.g. a stop signal right after an epoch's save
+        manager.save(step, args=args, force=True)
 
   def restore(self, target: TrainState, which: str = 'latest') -> tuple[TrainState, dict[str, Any]] | None:
     """The newest restorable checkpoint of `which` as (state, meta), or None if there is none.
@@ -50,14 +50,19 @@ class RunCheckpoints:
     to restore (truncated, half written) is reported in one line and the previous one is tried.
     """
     manager = self._manager_named(which)
+    unrestorable = []
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       except Exception as error:  # pylint: disable=broad-except  # any damage means: try an older one
-        logging.warning('checkpoint %s/%d cannot be restored (%s); trying the previous one',
-                        which, step, type(error).__name__)
+        logging.warning('checkpoint %s/%d cannot be restored (%s: %s); trying the previous one',
+                        which, step, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else '')
+        unrestorable.append(step)
         continue
+      if not self.read_only:
+        for bad_step in unrestorable:  # the run will save these steps again
+          manager.delete(bad_step)
       return restored.state, dict(restored.meta)
     return None
 

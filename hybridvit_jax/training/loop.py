@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridvit_jax import configuration, data
@@ -25,6 +26,10 @@ from hybridvit_jax.training.metrics import ClassificationMetrics
 from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
 
 HISTORY_FILE = 'history.jsonl'
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training hit a non-finite loss with nan_policy='stop'; the message names the step."""
 
 
 # ----------------------------------------------------------------------------------- mesh
@@ -64,6 +69,22 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
       labels = np.concatenate([labels, np.zeros(padding, labels.dtype)])
       mask = np.concatenate([mask, np.zeros(padding, bool)])
     yield images, labels, mask
+
+
+def load_configured_split(data_config: ml_collections.ConfigDict, key: str) -> dict[str, np.ndarray]:
+  """data.load_split of the split named by data.<key>; a bad or empty split is a ConfigError."""
+  split = data_config[key]
+  try:
+    arrays = data.load_split(data_config, split)
+  except data.DataError:
+    raise
+  except ValueError as error:
+    raise configuration.ConfigError(
+        f'data.{key}={split!r} is not a split of {data_config.name}: {str(error).strip().splitlines()[0]} '
+        f'(set --config.data.{key}=...)') from None
+  if not len(arrays['label']):
+    raise configuration.ConfigError(f'data.{key}={split!r} holds no examples (set --config.data.{key}=...)')
+  return arrays
 
 
 def evaluate_split(eval_step, state: TrainState, arrays: dict[str, np.ndarray], *, batch_size: int,
@@ -142,6 +163,24 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------------- health
+def check_finite(state: TrainState, config: ml_collections.ConfigDict, checkpoints: RunCheckpoints) -> None:
+  """Raises NonFiniteLossError if a step's loss was not finite and nan_policy is 'stop'.
+
+  The step skipped that update, so nothing non-finite reached the parameters; the run stops
+  before saving anything after it, and the newest checkpoint stays the last good one.
+  """
+  first_bad_step = int(state.first_nonfinite_step)
+  if first_bad_step < 0 or config.nan_policy != 'stop':
+    return
+  checkpoints.wait()
+  last_good = checkpoints.latest.latest_step()
+  resume_from = f'the last good checkpoint is step {last_good}' if last_good is not None else 'no checkpoint yet'
+  raise NonFiniteLossError(
+      f'non-finite loss at step {first_bad_step + 1}; {resume_from}: rerun with a lower '
+      '--config.optimizer.learning_rate, or --config.nan_policy=skip to skip such steps')
+
+
 # ---------------------------------------------------------------------------------- train
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
@@ -153,13 +192,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_chief = jax.process_index() == 0
 
   # -- config and data: every check happens before anything is written or compiled.
+  if not is_chief:  # process 0 prepares the data set (if needed) before the others read it
+    multihost_utils.sync_global_devices('data set prepared')
   info = data.dataset_info(config.data)
+  if is_chief and jax.process_count() > 1:
+    multihost_utils.sync_global_devices('data set prepared')
   configuration.validate(config, device_count=jax.device_count(), image_shape=info.image_shape)
   configuration.check_same_run(config, workdir)
-  train_arrays = data.load_split(config.data, config.data.train_split)
-  eval_arrays = {'val': data.load_split(config.data, config.data.val_split)}
+  train_arrays = load_configured_split(config.data, 'train_split')
+  eval_arrays = {'val': load_configured_split(config.data, 'val_split')}
   if config.eval_test_every_epoch:
-    eval_arrays['test'] = data.load_split(config.data, config.data.test_split)
+    eval_arrays['test'] = load_configured_split(config.data, 'test_split')
   num_train = len(train_arrays['label'])
   if num_train < config.batch_size:
     raise configuration.ConfigError(
@@ -221,13 +264,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for hook in hooks:
           hook(step)
         if step % config.log_every_steps == 0:
+          check_finite(state, config, checkpoints)
           writer.write_scalars(step, {f'train_{k}': v for k, v in metrics.compute().items()})
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
+          check_finite(state, config, checkpoints)
           checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
       if stop:
         break
 
       # -- end of epoch (or of max_steps): evaluate, record, checkpoint.
+      check_finite(state, config, checkpoints)
       train_result = {k: float(v) for k, v in metrics.compute().items()}
       train_seconds = time.time() - epoch_start
       results = {name: evaluate_split(eval_step, state, arrays, batch_size=config.eval_batch_size, mesh=mesh)
@@ -240,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              if k != 'examples'},
           'elapsed_s': round(time.time() - session_start, 2),
           'images_per_s': round((step - epoch_first_step) * config.batch_size / train_seconds, 1),
+          'skipped_steps': int(optimizer_lib.skipped_updates(state.opt_state)),
       }
       improved = record['val_accuracy'] > meta['best_val_accuracy']
       meta = {'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
@@ -257,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     stop.restore_handlers()
     if stop:
+      check_finite(state, config, checkpoints)
       checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
     checkpoints.wait()
     checkpoints.close()

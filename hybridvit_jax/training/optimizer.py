@@ -30,7 +30,8 @@ def weight_decay_mask(params):
 
 def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
                    total_steps: int) -> optax.GradientTransformation:
-  """The full update rule: optional global-norm clipping, then adam / adamw / sgd."""
+  """The full update rule: optional global-norm clipping, then adam / adamw / sgd; an update
+  whose gradients are not finite is skipped (and counted) by optax.apply_if_finite."""
   schedule = learning_rate_schedule(opt_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   if opt_config.name == 'adamw':
     update = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
@@ -42,5 +43,10 @@ def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: in
       rule = optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov)
     update = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask), rule)
   if opt_config.grad_clip_norm:
-    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), update)
-  return update
+    update = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), update)
+  return optax.apply_if_finite(update, max_consecutive_errors=2**30)
+
+
+def skipped_updates(opt_state) -> jax.Array:
+  """How many updates optax.apply_if_finite skipped so far (int32 scalar)."""
+  return opt_state.total_notfinite

@@ -16,12 +16,15 @@ class TrainState:
   step: int32 scalar, the number of optimizer steps taken.
   params: nested dict of float32 arrays (the model's nnx.Param values).
   model_state: nested dict of the model's other variables (BatchNorm statistics).
-  opt_state: the optax state for `params`.
+  opt_state: the optax state for `params` (optax.apply_if_finite counts skipped updates).
+  first_nonfinite_step: int32 scalar, the first step whose loss or gradients were not
+    finite (its update was skipped), or -1.
   """
   step: jax.Array
   params: dict
   model_state: dict
   opt_state: optax.OptState
+  first_nonfinite_step: jax.Array
 
 
 def model_graphdef(model_config: ml_collections.ConfigDict, *, num_classes: int,
@@ -41,4 +44,5 @@ def init_train_state(model_config: ml_collections.ConfigDict, optimizer: optax.G
   _, params, model_state = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=nnx.to_pure_dict(model_state), opt_state=optimizer.init(params))
+                    model_state=nnx.to_pure_dict(model_state), opt_state=optimizer.init(params),
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32))

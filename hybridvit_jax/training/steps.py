@@ -61,11 +61,18 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, train_images: 
     return losses.mean(), (logits, model_state)
 
   (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # A non-finite loss or gradient: optax.apply_if_finite skips the update; the BatchNorm
+  # statistics are kept too, and the step is recorded for the loop to act on.
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            model_state=model_state, opt_state=opt_state)
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+      model_state=jax.tree.map(lambda new, old: jnp.where(finite, new, old), model_state, state.model_state),
+      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                     state.first_nonfinite_step))
   step_metrics = ClassificationMetrics.single_from_model_output(
-      loss=jnp.broadcast_to(loss, labels.shape), logits=logits, labels=labels)
+      loss=jnp.broadcast_to(loss, labels.shape), logits=logits, labels=labels,
+      mask=jnp.broadcast_to(finite, labels.shape))
   return new_state, metrics.merge(step_metrics)
 
 

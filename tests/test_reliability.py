@@ -1,0 +1,203 @@
+"""Nothing lost under SIGTERM, SIGKILL, corrupt checkpoints, non-finite losses or bad input;
+multi-process runs on JAX's own runtime. Each test does what a user (or a cluster) would do."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import vit
+from hybridvit_jax.evaluate import evaluate, restore_run
+from hybridvit_jax.training import loop
+from hybridvit_jax.training.checkpoint import RunCheckpoints
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Long enough to be interrupted mid-way, short enough for CI: 6 epochs of 7 steps.
+RUN_FLAGS = ('--config=configs/vit.py:smoke', '--config.num_epochs=6', '--config.checkpoint_every_steps=2',
+             '--config.model.dropout_rate=0.1', '--config.eval_test_every_epoch=False')
+
+
+def start(*args: str, devices: int = 2, **popen_kwargs) -> subprocess.Popen:
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def run(*args: str, devices: int = 2) -> subprocess.CompletedProcess:
+  process = start(*args, devices=devices)
+  stdout, stderr = process.communicate(timeout=600)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def saved_steps(workdir: pathlib.Path) -> list[int]:
+  """Completed checkpoint steps (Orbax writes into *.orbax-checkpoint-tmp-* and renames at the end)."""
+  directory = workdir / 'checkpoints' / 'latest'
+  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.exists() else []
+
+
+def wait_for_checkpoint(process: subprocess.Popen, workdir: pathlib.Path, min_step: int) -> None:
+  deadline = time.time() + 300
+  while not any(step >= min_step for step in saved_steps(workdir)):
+    assert process.poll() is None, f'training ended before step {min_step}: {process.stderr.read()[-3000:]}'
+    assert time.time() < deadline, 'no checkpoint within 300 s'
+    time.sleep(0.05)
+
+
+def final_params(workdir: pathlib.Path) -> dict:
+  return jax.device_get(restore_run(workdir, 'latest')[3].params)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory) -> pathlib.Path:
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+  """Bitwise the same parameters and the same evaluation, to the last digit."""
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(reference))
+  assert evaluate(str(workdir), 'latest', 'val') == {**evaluate(str(reference), 'latest', 'val'),
+                                                     'workdir': str(workdir)}
+
+
+def test_sigterm_saves_and_says_how_to_resume(tmp_path, uninterrupted):
+  workdir = tmp_path / 'run'
+  process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
+  wait_for_checkpoint(process, workdir, min_step=4)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  stopped_at = int(stdout.strip().splitlines()[-1].split('stopped at step ')[1].split()[0])
+  assert 'run the same command to resume' in stdout
+  assert stopped_at in saved_steps(workdir)
+  resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resumed from step {stopped_at}' in resumed.stderr
+  assert [r['epoch'] for r in loop.read_history(workdir)] == [1, 2, 3, 4, 5, 6]
+  assert_same_run(workdir, uninterrupted)
+
+
+def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, uninterrupted):
+  workdir = tmp_path / 'run'
+  process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
+  wait_for_checkpoint(process, workdir, min_step=9)
+  process.kill()
+  process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step' in resumed.stderr
+  history = loop.read_history(workdir)
+  assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]
+  assert_same_run(workdir, uninterrupted)
+
+
+def truncate_files(directory: pathlib.Path) -> int:
+  files = [p for p in directory.rglob('*') if p.is_file() and p.stat().st_size > 0]
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
+  return len(files)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 2, 'keep_checkpoints': 3, 'eval_test_every_epoch': False})
+  loop.train_and_evaluate(config, tmp_path)
+  assert saved_steps(tmp_path) == [7, 14]
+  assert truncate_files(tmp_path / 'checkpoints' / 'latest' / '14' / 'state') > 0
+  (tmp_path / 'checkpoints' / 'latest' / '21.orbax-checkpoint-tmp-1').mkdir()  # a save cut short
+  checkpoints = RunCheckpoints(tmp_path, read_only=True)
+  state, _ = checkpoints.restore(jax.eval_shape(loop.build_training(
+      config, vit_info(config), loop.make_mesh(), steps_per_epoch=7, total_steps=14)[0]))
+  checkpoints.close()
+  assert int(state.step) == 7
+  assert any('latest/14 cannot be restored' in r.getMessage() for r in caplog.records)
+  record = loop.train_and_evaluate(config, tmp_path)  # resumes from 7 and redoes the second epoch
+  assert record['step'] == 14 and [r['step'] for r in loop.read_history(tmp_path)] == [7, 14]
+  assert saved_steps(tmp_path) == [7, 14]
+
+
+def vit_info(config):
+  from hybridvit_jax import data  # pylint: disable=import-outside-toplevel
+  return data.dataset_info(config.data)
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 1, 'log_every_steps': 1, 'eval_test_every_epoch': False})
+  config.optimizer.learning_rate = 1e12
+  with pytest.raises(loop.NonFiniteLossError, match=r'non-finite loss at step \d+; no checkpoint yet'):
+    loop.train_and_evaluate(config, tmp_path / 'stop')
+  assert saved_steps(tmp_path / 'stop') == [] and loop.read_history(tmp_path / 'stop') == []
+  config.nan_policy = 'skip'
+  record = loop.train_and_evaluate(config, tmp_path / 'skip')
+  assert record['step'] == 7 and 0 < record['skipped_steps'] <= 7
+
+
+BAD_OVERRIDES = {
+    '--config.batch_size=0': 'batch_size',
+    '--config.batch_size=63': 'batch_size',  # not divisible by the 2 devices
+    '--config.model.patch_size=5': 'model.patch_size',
+    '--config.model.name=vgg': 'model.name',
+    '--config.data.name=no_such_dataset': 'data.name',
+    '--config.optimizer.learning_rate=-0.1': 'optimizer.learning_rate',
+    '--config.data.val_split=valid': 'data.val_split',
+    '--config.nan_policy=ignore': 'nan_policy',
+    '--config.no_such_key=1': 'no_such_key',
+}
+
+
+@pytest.mark.parametrize('override', list(BAD_OVERRIDES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(override, tmp_path):
+  workdir = tmp_path / 'run'
+  result = run('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}', override)
+  assert result.returncode == 2, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and BAD_OVERRIDES[override] in last_line, last_line
+  assert not workdir.exists()
+
+
+def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path):
+  config = vit.get_config('smoke')
+  config.num_epochs = 1
+  loop.train_and_evaluate(config, tmp_path)
+  before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+  result = run('launch.py', '--config=configs/hybrid.py:smoke', f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  assert 'error: ' in result.stderr and 'model.' in result.stderr.strip().splitlines()[-1]
+  assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path, uninterrupted):
+  workdir = tmp_path / 'run'
+  address = f'127.0.0.1:{free_port()}'
+  processes = [start('launch.py', *RUN_FLAGS, f'--workdir={workdir}', f'--coordinator_address={address}',
+                     '--num_processes=2', f'--process_id={i}', devices=1) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  history = loop.read_history(workdir)
+  assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]  # written once, by process 0
+  reference = evaluate(str(uninterrupted), 'latest', 'val')
+  result = evaluate(str(workdir), 'latest', 'val')
+  assert result['examples'] == reference['examples'] == 64
+  assert result['accuracy'] == pytest.approx(reference['accuracy'], abs=1 / 64 + 1e-9)
+  assert result['loss'] == pytest.approx(reference['loss'], rel=1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+               final_params(workdir), final_params(uninterrupted))
