@@ -15,7 +15,7 @@ RUN_CONFIG_FILE = 'config.json'
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'constant')
-INPUT_MODES = ('device',)
+INPUT_MODES = ('device', 'stream')
 NAN_POLICIES = ('stop', 'skip')
 # Keys whose change makes an existing run's checkpoints meaningless for the new config.
 RUN_IDENTITY_KEYS = ('model.', 'data.name')
@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train[:45000]'
   config.data.val_split = 'train[45000:]'
   config.data.test_split = 'test'
-  config.data.input_mode = 'device'
+  config.data.input_mode = 'device'  # 'device': the split lives on device; 'stream': tf.data
+  config.data.shuffle_buffer = 50_000  # examples, for the stream mode's shuffle
   config.data.mean = (0.4914, 0.4822, 0.4465)  # per channel, of pixels scaled to [0, 1]
   config.data.std = (0.2470, 0.2435, 0.2616)
   config.data.crop_padding = 4  # random crop after zero padding; 0 = off

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 
 from hybridvit_jax import cli, configuration, data
-from hybridvit_jax.training import loop
+from hybridvit_jax.training import inputs, loop
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The --workdir of a training run.', required=True)
@@ -45,8 +45,8 @@ def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test') -> dic
   """Loss and accuracy of a run's checkpoint over every example of `split`."""
   config, _, mesh, state, eval_step = restore_run(pathlib.Path(workdir), checkpoint)
   split_spec = resolve_split(config, split)
-  arrays = data.load_split(config.data, split_spec)
-  result = loop.evaluate_split(eval_step, state, arrays, batch_size=config.eval_batch_size, mesh=mesh)
+  batches = inputs.eval_batches_source(config.data, split_spec, config.eval_batch_size, flag='--split')
+  result = loop.evaluate_split(eval_step, state, batches(), batch_size=config.eval_batch_size, mesh=mesh)
   return {'workdir': str(workdir), 'checkpoint': checkpoint, 'step': int(state.step), 'split': split_spec,
           **result}
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridvit_jax import configuration
-from hybridvit_jax.training import loop
+from hybridvit_jax.training import inputs
 
 
 @settings(max_examples=200, deadline=None)
@@ -38,7 +38,7 @@ def test_every_example_is_seen_once_per_epoch_on_any_device_count(data):
   epoch = data.draw(st.integers(0, 1000), label='epoch')
   mesh = jax.make_mesh((device_count,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:device_count])
-  order = loop.to_global(loop.epoch_order(7, epoch, num_examples, batch_size), NamedSharding(mesh, P(None, 'data')))
+  order = inputs.to_global(inputs.epoch_order(7, epoch, num_examples, batch_size), NamedSharding(mesh, P(None, 'data')))
   per_device = [np.asarray(shard.data) for shard in order.addressable_shards]
   assert all(part.shape == (num_examples // batch_size, batch_size // device_count) for part in per_device)
   seen = np.sort(np.concatenate([part.ravel() for part in per_device]))

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import vit
 from hybridvit_jax import configuration, data
-from hybridvit_jax.training import loop, optimizer as optimizer_lib
+from hybridvit_jax.training import inputs, loop, optimizer as optimizer_lib
 from hybridvit_jax.training.metrics import ClassificationMetrics
 
 
@@ -50,18 +50,18 @@ def test_every_optimizer_decreases_a_quadratic(name):
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
-  order = loop.epoch_order(seed=3, epoch=1, num_examples=103, batch_size=10)
+  order = inputs.epoch_order(seed=3, epoch=1, num_examples=103, batch_size=10)
   assert order.shape == (10, 10) and order.dtype == np.int32
   assert len(np.unique(order)) == 100 and order.max() < 103
-  np.testing.assert_array_equal(order, loop.epoch_order(3, 1, 103, 10))
-  assert not np.array_equal(order, loop.epoch_order(3, 2, 103, 10))
-  assert not np.array_equal(order, loop.epoch_order(4, 1, 103, 10))
+  np.testing.assert_array_equal(order, inputs.epoch_order(3, 1, 103, 10))
+  assert not np.array_equal(order, inputs.epoch_order(3, 2, 103, 10))
+  assert not np.array_equal(order, inputs.epoch_order(4, 1, 103, 10))
 
 
 def test_padded_batches_cover_every_example_once():
   arrays = {'image': np.arange(7 * 2 * 2 * 1, dtype=np.uint8).reshape(7, 2, 2, 1),
             'label': np.arange(7, dtype=np.int32)}
-  batches = list(loop.padded_batches(arrays, 4))
+  batches = list(inputs.padded(inputs.array_batches(arrays, 4), 4))
   assert [b[0].shape for b in batches] == [(4, 2, 2, 1), (4, 2, 2, 1)]
   labels = np.concatenate([labels[mask] for _, labels, mask in batches])
   np.testing.assert_array_equal(labels, arrays['label'])
@@ -79,11 +79,11 @@ def _train_one_step(config, mesh):
   arrays = data.load_split(config.data, config.data.train_split)
   init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
   replicated = NamedSharding(mesh, P())
-  order = loop.epoch_order(config.seed, 0, len(arrays['label']), config.batch_size)
+  order = inputs.epoch_order(config.seed, 0, len(arrays['label']), config.batch_size)
   state, metrics = train_step(init_state(), ClassificationMetrics.empty(),
-                              loop.to_global(arrays['image'], replicated),
-                              loop.to_global(arrays['label'], replicated),
-                              loop.to_global(order, NamedSharding(mesh, P(None, 'data'))))
+                              inputs.to_global(arrays['image'], replicated),
+                              inputs.to_global(arrays['label'], replicated),
+                              inputs.to_global(order, NamedSharding(mesh, P(None, 'data'))))
   return jax.device_get(state.params), metrics.compute()
 
 
@@ -95,3 +95,42 @@ def test_step_on_one_device_agrees_with_four_devices():
   params_four, metrics_four = _train_one_step(config, loop.make_mesh())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_one, params_four)
   assert float(metrics_one['loss']) == pytest.approx(float(metrics_four['loss']), rel=1e-5)
+
+
+def _epoch_batches(config, epoch, first_step=0):
+  """(images, labels) numpy batches of a training epoch, as the train step would see them."""
+  train_input = inputs.TrainInput(config, loop.make_mesh())
+  batches = []
+  for step_inputs in train_input.epoch(epoch, first_step):
+    if config.data.input_mode == 'device':
+      images, labels, order = (np.asarray(x) for x in step_inputs)
+      row = order[len(batches) + first_step]
+      batches.append((images[row], labels[row]))
+    else:
+      batches.append(tuple(np.asarray(x) for x in step_inputs))
+  return batches
+
+
+def test_device_and_stream_modes_yield_the_same_shapes_and_labels():
+  device_config, stream_config = smoke_config(), smoke_config()
+  stream_config.data.input_mode = 'stream'
+  device_batches, stream_batches = _epoch_batches(device_config, 0), _epoch_batches(stream_config, 0)
+  assert len(device_batches) == len(stream_batches) == 7  # 448 examples, batch 64
+  assert all(d[0].shape == s[0].shape == (64, 32, 32, 3) and d[0].dtype == s[0].dtype == np.uint8
+             for d, s in zip(device_batches, stream_batches))
+  all_labels = lambda batches: np.sort(np.concatenate([labels for _, labels in batches]))
+  np.testing.assert_array_equal(all_labels(device_batches), all_labels(stream_batches))
+  # each epoch has its own order, and a resumed epoch continues with the same batches
+  assert not np.array_equal(stream_batches[0][1], _epoch_batches(stream_config, 1)[0][1])
+  resumed = _epoch_batches(stream_config, 0, first_step=4)
+  assert len(resumed) == 3
+  for (images, labels), (expected_images, expected_labels) in zip(resumed, stream_batches[4:]):
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_stream_mode_trains_and_evaluates(tmp_path):
+  config = smoke_config(num_epochs=1)
+  config.data.input_mode = 'stream'
+  record = loop.train_and_evaluate(config, tmp_path)
+  assert record['step'] == 7 and 0.0 <= record['val_accuracy'] <= 1.0

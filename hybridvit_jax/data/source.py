@@ -56,7 +56,7 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   """Describes the data set named by `data_config.name`, preparing it if needed."""
   if data_config.name == SYNTHETIC_NAME:
     return _synthetic_info()
-  return _info_from_builder(_prepared_builder(data_config))
+  return _info_from_builder(prepared_builder(data_config))
 
 
 def load_split(
@@ -74,13 +74,13 @@ def load_split(
   """
   if data_config.name == SYNTHETIC_NAME:
     return _synthetic_split(data_config, split)
-  return _read_split(_prepared_builder(data_config), split)
+  return _read_split(prepared_builder(data_config), split)
 
 
 # --- tfds data sets --------------------------------------------------------
 
 
-def _prepared_builder(
+def prepared_builder(
     data_config: ml_collections.ConfigDict,
 ) -> tfds.core.DatasetBuilder:
   """Returns the tfds builder of `data_config.name`, prepared in its data_dir."""

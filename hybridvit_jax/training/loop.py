@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
@@ -20,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridvit_jax import configuration, data
 from hybridvit_jax.training import optimizer as optimizer_lib
-from hybridvit_jax.training import steps
+from hybridvit_jax.training import inputs, steps
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 from hybridvit_jax.training.metrics import ClassificationMetrics
 from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
@@ -38,62 +37,15 @@ def make_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A host array that every process holds in full, placed on the mesh with `sharding`."""
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-# ---------------------------------------------------------------------------------- input
-def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
-  """int32 [steps_per_epoch, batch_size]: the example indices of each step of `epoch`.
-
-  A function of (seed, epoch) only, so a resumed run sees the same order. The
-  `num_examples % batch_size` examples left over differ from epoch to epoch.
-  """
-  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  steps_per_epoch = num_examples // batch_size
-  return permutation[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
-
-
-def padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
-  """Yields (images, labels, mask) covering every example once; the last batch is padded and
-  its padding masked out. images uint8 [batch_size, H, W, C], labels int32, mask bool."""
-  num_examples = len(arrays['label'])
-  for start in range(0, num_examples, batch_size):
-    images = arrays['image'][start:start + batch_size]
-    labels = arrays['label'][start:start + batch_size]
-    mask = np.ones(len(labels), bool)
-    padding = batch_size - len(labels)
-    if padding:
-      images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(padding, labels.dtype)])
-      mask = np.concatenate([mask, np.zeros(padding, bool)])
-    yield images, labels, mask
-
-
-def load_configured_split(data_config: ml_collections.ConfigDict, key: str) -> dict[str, np.ndarray]:
-  """data.load_split of the split named by data.<key>; a bad or empty split is a ConfigError."""
-  split = data_config[key]
-  try:
-    arrays = data.load_split(data_config, split)
-  except data.DataError:
-    raise
-  except ValueError as error:
-    raise configuration.ConfigError(
-        f'data.{key}={split!r} is not a split of {data_config.name}: {str(error).strip().splitlines()[0]} '
-        f'(set --config.data.{key}=...)') from None
-  if not len(arrays['label']):
-    raise configuration.ConfigError(f'data.{key}={split!r} holds no examples (set --config.data.{key}=...)')
-  return arrays
-
-
-def evaluate_split(eval_step, state: TrainState, arrays: dict[str, np.ndarray], *, batch_size: int,
+# ----------------------------------------------------------------------------------- eval
+def evaluate_split(eval_step, state: TrainState, batches: inputs.Batches, *, batch_size: int,
                    mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss and accuracy over every example of `arrays`: {'loss', 'accuracy', 'examples'}."""
+  """Loss and accuracy over every example of `batches` ((images, labels) of at most
+  `batch_size`, the same on every process): {'loss', 'accuracy', 'examples'}."""
   batch_sharding = NamedSharding(mesh, P('data'))
   metrics = ClassificationMetrics.empty()
-  for images, labels, mask in padded_batches(arrays, batch_size):
-    metrics = eval_step(state, metrics, *(to_global(x, batch_sharding) for x in (images, labels, mask)))
+  for images, labels, mask in inputs.padded(batches, batch_size):
+    metrics = eval_step(state, metrics, *(inputs.to_global(x, batch_sharding) for x in (images, labels, mask)))
   result = {name: float(value) for name, value in metrics.compute().items()}
   return {**result, 'examples': int(metrics.accuracy.count)}
 
@@ -104,8 +56,10 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   """The jitted state initialiser and train and eval steps of a run.
 
   Returns (init_state, train_step, eval_step): `init_state()` makes a fresh state with
-  replicated parameters (`jax.eval_shape(init_state)` its abstract twin, for restoring); the
-  state is donated to the train step so its buffers are reused in place.
+  replicated parameters (`jax.eval_shape(init_state)` its abstract twin, for restoring).
+  train_step(state, metrics, *step_inputs) takes what inputs.TrainInput.epoch yields for the
+  configured input mode: (train_images, train_labels, epoch_order) for `device`, (images,
+  labels) for `stream`. The state is donated to it so its buffers are reused in place.
   """
   optimizer = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                                            total_steps=total_steps)
@@ -114,8 +68,9 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   init = functools.partial(init_train_state, config.model, optimizer, num_classes=info.num_classes,
                            image_shape=info.image_shape, seed=config.seed)
   init_state = jax.jit(init, out_shardings=replicated)
+  step_on_inputs = steps.train_step_on_device_data if config.data.input_mode == 'device' else steps.train_step
   train_step = jax.jit(
-      functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+      functools.partial(step_on_inputs, graphdef=graphdef, optimizer=optimizer,
                         seed_key=jax.random.fold_in(jax.random.key(config.seed), 1), config=config),
       out_shardings=replicated, donate_argnums=(0, 1))
   eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, config=config),
@@ -199,16 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     multihost_utils.sync_global_devices('data set prepared')
   configuration.validate(config, device_count=jax.device_count(), image_shape=info.image_shape)
   configuration.check_same_run(config, workdir)
-  train_arrays = load_configured_split(config.data, 'train_split')
-  eval_arrays = {'val': load_configured_split(config.data, 'val_split')}
-  if config.eval_test_every_epoch:
-    eval_arrays['test'] = load_configured_split(config.data, 'test_split')
-  num_train = len(train_arrays['label'])
-  if num_train < config.batch_size:
-    raise configuration.ConfigError(
-        f'batch_size={config.batch_size} is larger than the {num_train} examples of '
-        f'{config.data.train_split!r}: set --config.batch_size to at most {num_train}')
-  steps_per_epoch = num_train // config.batch_size
+  mesh = make_mesh()
+  train_input = inputs.TrainInput(config, mesh)
+  eval_sources = {split: inputs.eval_batches_source(config.data, config.data[f'{split}_split'],
+                                                    config.eval_batch_size, flag=f'--config.data.{split}_split')
+                  for split in (('val', 'test') if config.eval_test_every_epoch else ('val',))}
+  steps_per_epoch = train_input.steps_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
@@ -217,13 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_chief:
     configuration.save_run_config(config, workdir)
 
-  # -- mesh, state, steps.
-  mesh = make_mesh()
+  # -- state, steps.
   init_state, train_step, eval_step = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
                                                      total_steps=total_steps)
-  replicated = NamedSharding(mesh, P())
-  train_images = to_global(train_arrays['image'], replicated)
-  train_labels = to_global(train_arrays['label'], replicated)
 
   # -- checkpoint: resume from the newest restorable one.
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
@@ -253,13 +200,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     while step < total_steps and not stop:
       epoch = step // steps_per_epoch
-      order = to_global(epoch_order(config.seed, epoch, num_train, config.batch_size),
-                        NamedSharding(mesh, P(None, 'data')))
       metrics = ClassificationMetrics.empty()
       epoch_start, epoch_first_step = time.time(), step
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-      while step < epoch_end and not stop:
-        state, metrics = train_step(state, metrics, train_images, train_labels, order)
+      for step_inputs in train_input.epoch(epoch, first_step=step - epoch * steps_per_epoch):
+        if step >= epoch_end or stop:
+          break
+        state, metrics = train_step(state, metrics, *step_inputs)
         step += 1
         for hook in hooks:
           hook(step)
@@ -276,8 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       check_finite(state, config, checkpoints)
       train_result = {k: float(v) for k, v in metrics.compute().items()}
       train_seconds = time.time() - epoch_start
-      results = {name: evaluate_split(eval_step, state, arrays, batch_size=config.eval_batch_size, mesh=mesh)
-                 for name, arrays in eval_arrays.items()}
+      results = {name: evaluate_split(eval_step, state, batches(), batch_size=config.eval_batch_size, mesh=mesh)
+                 for name, batches in eval_sources.items()}
       record = {
           'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
           'step': step,

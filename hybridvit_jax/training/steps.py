@@ -37,22 +37,17 @@ def prepare_images(images: jax.Array, data_config: ml_collections.ConfigDict,
   return data.normalize(images, data_config.mean, data_config.std)
 
 
-def train_step(state: TrainState, metrics: ClassificationMetrics, train_images: jax.Array,
-               train_labels: jax.Array, epoch_order: jax.Array, *, graphdef: nnx.GraphDef,
-               optimizer: optax.GradientTransformation, seed_key: jax.Array, config: ml_collections.ConfigDict,
-               ) -> tuple[TrainState, ClassificationMetrics]:
-  """One optimizer step on the batch the epoch order assigns to `state.step`.
+def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array, *,
+               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, seed_key: jax.Array,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, ClassificationMetrics]:
+  """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B].
 
-  train_images: uint8 [N, H, W, C] and train_labels: int32 [N], the whole split on device.
-  epoch_order: int32 [steps_per_epoch, B], row r = the example indices of the epoch's r-th step.
   The augmentation and dropout keys are `fold_in(seed_key, step)`, so a resumed run repeats
   exactly what an uninterrupted one would have done.
   """
   step_key = jax.random.fold_in(seed_key, state.step)
   augment_key, dropout_key = jax.random.split(step_key)
-  indices = epoch_order[state.step % epoch_order.shape[0]]
-  images = prepare_images(train_images[indices], config.data, augment_key)
-  labels = train_labels[indices]
+  images = prepare_images(images, config.data, augment_key)
 
   def loss_fn(params):
     logits, model_state = apply_model(graphdef, params, state.model_state, images, train=True,
@@ -74,6 +69,18 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, train_images: 
       loss=jnp.broadcast_to(loss, labels.shape), logits=logits, labels=labels,
       mask=jnp.broadcast_to(finite, labels.shape))
   return new_state, metrics.merge(step_metrics)
+
+
+def train_step_on_device_data(state: TrainState, metrics: ClassificationMetrics, train_images: jax.Array,
+                              train_labels: jax.Array, epoch_order: jax.Array, **step_kwargs,
+                              ) -> tuple[TrainState, ClassificationMetrics]:
+  """`train_step` on the batch the epoch order assigns to `state.step` (the `device` input mode).
+
+  train_images: uint8 [N, H, W, C] and train_labels: int32 [N], the whole split on device.
+  epoch_order: int32 [steps_per_epoch, B], row r = the example indices of the epoch's r-th step.
+  """
+  indices = epoch_order[state.step % epoch_order.shape[0]]
+  return train_step(state, metrics, train_images[indices], train_labels[indices], **step_kwargs)
 
 
 def eval_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
