@@ -1,5 +1,6 @@
 """What every command-line entry point shares: flag parsing, multi-process start-up, and
 turning bad input into one line on stderr with exit code 2."""
+import importlib.util
 import logging as python_logging
 import os
 import sys
@@ -8,10 +9,11 @@ import jax
 from absl import flags, logging
 
 from hybridvit_jax import configuration, data
+from hybridvit_jax.training.checkpoint import UnrestorableCheckpointError
 
 # Bad input a user can fix: reported in one line, exit code 2, nothing written.
 USAGE_EXIT_CODE = 2
-USAGE_ERRORS = (configuration.ConfigError, data.DataError)
+USAGE_ERRORS = (configuration.ConfigError, data.DataError, UnrestorableCheckpointError)
 
 
 class _QuietLibraryInfo(python_logging.Filter):
@@ -61,9 +63,10 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 
 
 def _in_multi_worker_cluster() -> bool:
+  """A SLURM job of several tasks, or a Cloud TPU VM (libtpu installed), where
+  jax.distributed.initialize() finds its peers from the environment."""
   slurm_tasks = int(os.environ.get('SLURM_NTASKS', '1')) if 'SLURM_JOB_ID' in os.environ else 1
-  tpu_workers = os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') + 1
-  return slurm_tasks > 1 or tpu_workers > 1
+  return slurm_tasks > 1 or importlib.util.find_spec('libtpu') is not None
 
 
 def train_main(config, workdir: str, *, coordinator_address=None, num_processes=None, process_id=None):

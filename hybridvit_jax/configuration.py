@@ -13,7 +13,7 @@ from hybridvit_jax import models
 
 RUN_CONFIG_FILE = 'config.json'
 
-OPTIMIZERS = ('adam', 'adamw', 'sgd')
+OPTIMIZERS = ('adam', 'adamw', 'lamb', 'sgd')
 SCHEDULES = ('cosine', 'constant')
 INPUT_MODES = ('device', 'stream')
 NAN_POLICIES = ('stop', 'skip')
@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.early_stopping_patience = 0  # epochs without a better val_accuracy; 0 = off
   config.eval_test_every_epoch = True
   config.nan_policy = 'stop'
+  config.ema_decay = 0.0  # exponential moving average of the weights, evaluated too; 0 = off
+  config.eval_flip = False  # test-time augmentation: average the logits of the image and its mirror
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
@@ -54,6 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.std = (0.2470, 0.2435, 0.2616)
   config.data.crop_padding = 4  # random crop after zero padding; 0 = off
   config.data.flip = True  # random horizontal flip
+  config.data.randaugment_num_ops = 0  # RandAugment ops per image; 0 = off
+  config.data.randaugment_magnitude = 9.0  # 0..10
+  config.data.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing; 0 = off
+  config.data.cutmix_alpha = 0.0  # 0 = off; with mixup too, one of them per batch
+  config.data.random_erasing = 0.0  # probability per image; 0 = off
+  config.data.cutout_size = 0  # side of a zeroed square, pixels; 0 = off
   config.data.synthetic_train_examples = 512
   config.data.synthetic_test_examples = 256
 
@@ -111,8 +119,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % device_count:
       _fail(key, config[key], f'must be divisible by the {device_count} devices')
-  if not 0.0 <= config.label_smoothing < 1.0:
-    _fail('label_smoothing', config.label_smoothing, 'expected a value in [0, 1)')
+  for key in ('label_smoothing', 'ema_decay', 'data.random_erasing'):
+    if not 0.0 <= _lookup(config, key) < 1.0 + (key == 'data.random_erasing'):
+      _fail(key, _lookup(config, key), 'expected a value in [0, 1)' if key != 'data.random_erasing' else '[0, 1]')
+  for key in ('data.randaugment_num_ops', 'data.randaugment_magnitude', 'data.mixup_alpha',
+              'data.cutmix_alpha', 'data.cutout_size'):
+    _require_positive(config, key, allow_zero=True)
   _require_choice(config, 'nan_policy', NAN_POLICIES)
   _require_choice(config, 'data.input_mode', INPUT_MODES)
   for key in ('data.mean', 'data.std'):

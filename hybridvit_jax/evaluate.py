@@ -15,10 +15,6 @@ from hybridvit_jax import cli, configuration, data
 from hybridvit_jax.training import inputs, loop
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The --workdir of a training run.', required=True)
-_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                                'best: best validation accuracy; latest: the newest.')
-_SPLIT = flags.DEFINE_string('split', 'test', 'test, val, train, or a tfds split string.')
 
 
 def resolve_split(config, split: str) -> str:
@@ -41,23 +37,37 @@ def restore_run(workdir: pathlib.Path, checkpoint: str = 'best'):
   return config, info, mesh, restored[0], eval_step
 
 
-def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test') -> dict:
-  """Loss and accuracy of a run's checkpoint over every example of `split`."""
+def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test', ema: bool = False) -> dict:
+  """Loss and accuracy of a run's checkpoint (its EMA weights if `ema`) over every example of `split`."""
   config, _, mesh, state, eval_step = restore_run(pathlib.Path(workdir), checkpoint)
+  if ema:
+    if not config.ema_decay:
+      raise configuration.ConfigError(f'{workdir} was trained with ema_decay=0: it has no EMA weights; drop --ema')
+    state = state.replace(params=state.ema_params)
   split_spec = resolve_split(config, split)
   batches = inputs.eval_batches_source(config.data, split_spec, config.eval_batch_size, flag='--split')
   result = loop.evaluate_split(eval_step, state, batches(), batch_size=config.eval_batch_size, mesh=mesh)
   return {'workdir': str(workdir), 'checkpoint': checkpoint, 'step': int(state.step), 'split': split_spec,
-          **result}
+          'weights': 'ema' if ema else 'trained', **result}
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs (importing this module adds none)."""
+  flags.DEFINE_string('workdir', None, 'The --workdir of a training run.', required=True)
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'best: best validation accuracy; latest: the newest.')
+  flags.DEFINE_string('split', 'test', 'test, val, train, or a tfds split string.')
+  flags.DEFINE_bool('ema', False, 'Evaluate the moving average of the weights (runs with ema_decay > 0).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.quiet_library_logs()
-  result = cli.run_and_exit(evaluate, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
+  options = flags.FLAGS
+  result = cli.run_and_exit(evaluate, options.workdir, options.checkpoint, options.split, options.ema)
   print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags_or_exit)

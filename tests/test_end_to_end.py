@@ -87,3 +87,15 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   other = hybrid.get_config('smoke')
   with pytest.raises(configuration.ConfigError, match='model.'):
     loop.train_and_evaluate(other, tmp_path)
+
+
+def test_early_stopping_stops_and_a_rerun_trains_nothing(tmp_path):
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 8, 'early_stopping_patience': 1, 'eval_test_every_epoch': False})
+  config.optimizer.learning_rate = 1e-12  # val_accuracy soon stops improving
+  loop.train_and_evaluate(config, tmp_path)
+  accuracies = [r['val_accuracy'] for r in loop.read_history(tmp_path)]
+  assert len(accuracies) < 8  # stopped early, at the first epoch that did not improve
+  assert accuracies[-1] <= max(accuracies[:-1]) and all(b > a for a, b in zip(accuracies[:-2], accuracies[1:-1]))
+  assert loop.train_and_evaluate(config, tmp_path) == {}
+  assert len(loop.read_history(tmp_path)) == len(accuracies)

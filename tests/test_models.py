@@ -261,3 +261,22 @@ def test_bfloat16_training_forward_is_finite():
   model = build(make_config('hybrid_test', dtype='bfloat16'))
   logits = forward(model, random_images(2), train=True)
   assert logits.dtype == jnp.float32 and np.isfinite(logits).all()
+
+
+def test_token_grid_keeps_the_token_count_whatever_the_stem_depth():
+  """With model.token_grid the patch size follows the stem, so stem_layers=0 is the plain ViT-Ti/4."""
+  cfg = models.variant_config('vit_ti4')
+  cfg.update({'name': 'hybrid', 'token_grid': 8, 'stem_pools': (False, True, True, False)})
+  expected_patch = {0: 4, 1: 4, 2: 2, 3: 1, 4: 1}
+  for stem_layers, patch in expected_patch.items():
+    cfg.stem_layers = stem_layers
+    assert models.effective_patch_size(cfg, (32, 32, 3)) == patch
+  cfg.stem_layers = 0
+  plain = nnx.eval_shape(lambda: models.create_model(models.variant_config('vit_ti4'), num_classes=10,
+                                                     image_shape=(32, 32, 3), rngs=nnx.Rngs(0)))
+  gridded = nnx.eval_shape(lambda: models.create_model(cfg, num_classes=10, image_shape=(32, 32, 3),
+                                                       rngs=nnx.Rngs(0)))
+  assert models.count_params(gridded) == models.count_params(plain) == 5_362_762
+  cfg.token_grid = 5
+  with pytest.raises(ValueError, match='model.token_grid=5'):
+    models.validate_model_config(cfg, (32, 32, 3))

@@ -189,9 +189,13 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path, uninterrupte
   address = f'127.0.0.1:{free_port()}'
   processes = [start('launch.py', *RUN_FLAGS, f'--workdir={workdir}', f'--coordinator_address={address}',
                      '--num_processes=2', f'--process_id={i}', devices=1) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  for process, (_, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr[-3000:]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  for process_id, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
+    assert process.returncode == 0, f'process {process_id}:\n{stderr[-3000:]}'
   history = loop.read_history(workdir)
   assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]  # written once, by process 0
   reference = evaluate(str(uninterrupted), 'latest', 'val')

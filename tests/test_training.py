@@ -134,3 +134,19 @@ def test_stream_mode_trains_and_evaluates(tmp_path):
   config.data.input_mode = 'stream'
   record = loop.train_and_evaluate(config, tmp_path)
   assert record['step'] == 7 and 0.0 <= record['val_accuracy'] <= 1.0
+
+
+def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
+  config = smoke_config(num_epochs=2, ema_decay=0.9, eval_flip=True, label_smoothing=0.1)
+  config.data.update({'randaugment_num_ops': 2, 'mixup_alpha': 0.8, 'cutmix_alpha': 1.0,
+                      'random_erasing': 0.25})
+  config.optimizer.name = 'lamb'
+  record = loop.train_and_evaluate(config, tmp_path)
+  for field in ('ema_val_accuracy', 'ema_val_loss', 'ema_test_accuracy', 'val_accuracy'):
+    assert 0.0 <= record[field] <= (1.0 if 'accuracy' in field else 100.0), field
+  from hybridvit_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  ema = evaluate(str(tmp_path), 'latest', 'test', ema=True)
+  trained = evaluate(str(tmp_path), 'latest', 'test')
+  assert ema['accuracy'] == pytest.approx(record['ema_test_accuracy'], abs=1e-6)
+  assert trained['accuracy'] == pytest.approx(record['test_accuracy'], abs=1e-6)
+  assert ema['loss'] != trained['loss']  # two different sets of weights

@@ -2,6 +2,10 @@
 
 from hybridvit_jax.data.augment import augment
 from hybridvit_jax.data.augment import normalize
+from hybridvit_jax.data.recipes import cutout
+from hybridvit_jax.data.recipes import mixup_cutmix
+from hybridvit_jax.data.recipes import rand_augment
+from hybridvit_jax.data.recipes import random_erasing
 from hybridvit_jax.data.source import DataError
 from hybridvit_jax.data.source import dataset_info
 from hybridvit_jax.data.source import DatasetInfo
@@ -11,7 +15,11 @@ __all__ = [
     'DataError',
     'DatasetInfo',
     'augment',
+    'cutout',
     'dataset_info',
     'load_split',
+    'mixup_cutmix',
     'normalize',
+    'rand_augment',
+    'random_erasing',
 ]

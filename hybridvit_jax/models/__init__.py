@@ -49,6 +49,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       name='vit',  # one of MODELS
       dtype='float32',  # compute dtype, one of DTYPES; parameters are float32 and logits float32
       patch_size=4,
+      token_grid=0,  # > 0: patch size = stem output side / token_grid (a fixed token count); 0 = patch_size
       hidden_size=192,
       num_layers=12,
       num_heads=3,
@@ -78,6 +79,14 @@ def variant_config(variant: str) -> ml_collections.ConfigDict:
   return cfg
 
 
+def effective_patch_size(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> int:
+  """model.patch_size, or with model.token_grid > 0 the patch size that cuts the stem output
+  (the image when there is no stem) into token_grid x token_grid tokens."""
+  if not cfg.token_grid:
+    return cfg.patch_size
+  return layers.stem_output_size(image_shape[0], _stem_specs(cfg)) // cfg.token_grid
+
+
 def build_vision_transformer(
     cfg: ml_collections.ConfigDict, *, num_classes: int, image_shape: tuple[int, int, int], rngs: nnx.Rngs
 ) -> VisionTransformer:
@@ -85,7 +94,7 @@ def build_vision_transformer(
   return VisionTransformer(
       image_shape=image_shape,
       num_classes=num_classes,
-      patch_size=cfg.patch_size,
+      patch_size=effective_patch_size(cfg, image_shape),
       hidden_size=cfg.hidden_size,
       num_layers=cfg.num_layers,
       num_heads=cfg.num_heads,
@@ -171,6 +180,8 @@ def _validate_vision_transformer(cfg: ml_collections.ConfigDict, image_shape: tu
     raise ValueError(f'model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}')
   if cfg.posemb == 'sincos2d' and cfg.hidden_size % 4:
     raise ValueError(f"model.hidden_size={cfg.hidden_size} must be divisible by 4 for model.posemb='sincos2d'")
+  if cfg.token_grid < 0:
+    raise ValueError(f'model.token_grid={cfg.token_grid} must be >= 0 (0 = use model.patch_size)')
   _validate_stem(cfg)
   _validate_patch_size(cfg, image_shape)
 
@@ -193,9 +204,13 @@ def _validate_patch_size(cfg: ml_collections.ConfigDict, image_shape: tuple[int,
   if min(height, width) < 1:
     raise ValueError(f'model.stem_layers={cfg.stem_layers} shrinks the {image_shape[0]}x{image_shape[1]} image '
                      f'to nothing; use fewer stem layers, strides or pools')
-  if height % cfg.patch_size or width % cfg.patch_size:
+  if cfg.token_grid and (height % cfg.token_grid or width % cfg.token_grid or height != width):
+    raise ValueError(f'model.token_grid={cfg.token_grid} does not divide the {height}x{width} {grid} into square '
+                     f'patches; use a divisor of {height}, or 0 to use model.patch_size')
+  patch_size = effective_patch_size(cfg, image_shape)
+  if height % patch_size or width % patch_size:
     divisors = [d for d in range(1, max(min(height, width) // 4, 1) + 1) if height % d == 0 and width % d == 0]
-    raise ValueError(f'model.patch_size={cfg.patch_size} does not divide the {height}x{width} {grid}; '
+    raise ValueError(f'model.patch_size={patch_size} does not divide the {height}x{width} {grid}; '
                      f'use a divisor such as {", ".join(map(str, divisors))}')
 
 

@@ -16,10 +16,18 @@ from hybridvit_jax.training.state import TrainState
 
 
 def _manager(directory: pathlib.Path, keep: int, *, read_only: bool) -> ocp.CheckpointManager:
+  # Orbax names its cross-process barriers after the step; the two managers save the same steps,
+  # so each gets its own prefix or their barriers collide in multi-process runs (a deadlock).
+  multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=not read_only,
-                                         cleanup_tmp_directories=not read_only)
+                                         cleanup_tmp_directories=not read_only,
+                                         multiprocessing_options=multiprocessing)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+
+
+class UnrestorableCheckpointError(ValueError):
+  """Checkpoints exist but none matches the run's state; the one-line message says what to do."""
 
 
 class RunCheckpoints:
@@ -46,8 +54,9 @@ class RunCheckpoints:
   def restore(self, target: TrainState, which: str = 'latest') -> tuple[TrainState, dict[str, Any]] | None:
     """The newest restorable checkpoint of `which` as (state, meta), or None if there is none.
 
-    `target` gives shapes, dtypes and shardings (jax.eval_shape of the jitted initialiser). A checkpoint that fails
-    to restore (truncated, half written) is reported in one line and the previous one is tried.
+    `target` gives shapes, dtypes and shardings (jax.eval_shape of the jitted initialiser). A
+    checkpoint that fails to restore (truncated, half written) is reported in one line and the
+    previous one is tried; if none can be restored, UnrestorableCheckpointError.
     """
     manager = self._manager_named(which)
     unrestorable = []
@@ -64,6 +73,11 @@ class RunCheckpoints:
         for bad_step in unrestorable:  # the run will save these steps again
           manager.delete(bad_step)
       return restored.state, dict(restored.meta)
+    if unrestorable:
+      raise UnrestorableCheckpointError(
+          f'none of the {which} checkpoints in {manager.directory} (steps {sorted(unrestorable)}) can be '
+          'restored into this run\'s state (damaged, or written by another version or config): '
+          'use another --workdir')
     return None
 
   def wait(self) -> None:

@@ -66,12 +66,13 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   graphdef = model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
   replicated = NamedSharding(mesh, P())
   init = functools.partial(init_train_state, config.model, optimizer, num_classes=info.num_classes,
-                           image_shape=info.image_shape, seed=config.seed)
+                           image_shape=info.image_shape, seed=config.seed, keep_ema=bool(config.ema_decay))
   init_state = jax.jit(init, out_shardings=replicated)
   step_on_inputs = steps.train_step_on_device_data if config.data.input_mode == 'device' else steps.train_step
   train_step = jax.jit(
       functools.partial(step_on_inputs, graphdef=graphdef, optimizer=optimizer,
-                        seed_key=jax.random.fold_in(jax.random.key(config.seed), 1), config=config),
+                        seed_key=steps.training_seed_key(config.seed),
+                        num_classes=info.num_classes, config=config),
       out_shardings=replicated, donate_argnums=(0, 1))
   eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, config=config),
                       out_shardings=replicated, donate_argnums=(1,))
@@ -192,6 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          for k, v in configuration.flatten(config.to_dict()).items()})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
 
+  if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
+    logging.info('this run stopped early (no better val_accuracy for %d epochs): nothing to train',
+                 meta['epochs_without_improvement'])
+    total_steps = start_step
+
   # -- loop.
   stop = StopRequest()
   record: dict[str, Any] = {}
@@ -223,8 +229,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       check_finite(state, config, checkpoints)
       train_result = {k: float(v) for k, v in metrics.compute().items()}
       train_seconds = time.time() - epoch_start
-      results = {name: evaluate_split(eval_step, state, batches(), batch_size=config.eval_batch_size, mesh=mesh)
-                 for name, batches in eval_sources.items()}
+      evaluated = {'': state, 'ema_': state.replace(params=state.ema_params)} if config.ema_decay else {'': state}
+      results = {f'{weights}{name}': evaluate_split(eval_step, weights_state, batches(),
+                                                    batch_size=config.eval_batch_size, mesh=mesh)
+                 for weights, weights_state in evaluated.items() for name, batches in eval_sources.items()}
       record = {
           'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
           'step': step,

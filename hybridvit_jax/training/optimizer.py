@@ -30,12 +30,13 @@ def weight_decay_mask(params):
 
 def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
                    total_steps: int) -> optax.GradientTransformation:
-  """The full update rule: optional global-norm clipping, then adam / adamw / sgd; an update
+  """The full update rule: optional global-norm clipping, then adam / adamw / lamb / sgd; an update
   whose gradients are not finite is skipped (and counted) by optax.apply_if_finite."""
   schedule = learning_rate_schedule(opt_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  if opt_config.name == 'adamw':
-    update = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
-                         weight_decay=opt_config.weight_decay, mask=weight_decay_mask)
+  if opt_config.name in ('adamw', 'lamb'):
+    update = (optax.adamw if opt_config.name == 'adamw' else optax.lamb)(
+        schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay,
+        mask=weight_decay_mask)
   else:  # adam and sgd take weight decay as an L2 term added to the gradient
     if opt_config.name == 'adam':
       rule = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)

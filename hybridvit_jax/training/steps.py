@@ -14,9 +14,10 @@ from hybridvit_jax.training.metrics import ClassificationMetrics
 from hybridvit_jax.training.state import TrainState
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example loss [B] for logits [B, K] and integer labels [B]."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-example loss [B] for logits [B, K] and targets: integer labels [B] or soft [B, K]."""
+  if targets.ndim == 1:
+    targets = jax.nn.one_hot(targets, logits.shape[-1])
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -29,39 +30,78 @@ def apply_model(graphdef: nnx.GraphDef, params: dict, model_state: dict, images:
   return logits, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
 
-def prepare_images(images: jax.Array, data_config: ml_collections.ConfigDict,
-                   augment_key: jax.Array | None = None) -> jax.Array:
-  """uint8 [B, H, W, C] -> float32, augmented (when a key is given) then normalised."""
-  if augment_key is not None:
-    images = data.augment(augment_key, images, crop_padding=data_config.crop_padding, flip=data_config.flip)
+def prepare_images(images: jax.Array, data_config: ml_collections.ConfigDict) -> jax.Array:
+  """uint8 [B, H, W, C] -> normalised float32 [B, H, W, C], as evaluation sees them."""
   return data.normalize(images, data_config.mean, data_config.std)
+
+
+def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
+                  config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """The training view of a batch: uint8 images [B, H, W, C] and int labels [B] -> normalised
+  float32 images and soft targets [B, K]. Each transform is on when its config value is."""
+  d = config.data
+  randaugment_key, crop_key, erase_key, mix_key = jax.random.split(key, 4)
+  if d.randaugment_num_ops:
+    images = data.rand_augment(randaugment_key, images, num_ops=d.randaugment_num_ops,
+                               magnitude=d.randaugment_magnitude)
+  images = data.augment(crop_key, images, crop_padding=d.crop_padding, flip=d.flip)
+  images = prepare_images(images, d)
+  if d.random_erasing:
+    images = data.random_erasing(erase_key, images, probability=d.random_erasing)
+  if d.cutout_size:
+    images = data.cutout(erase_key, images, size=d.cutout_size)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.label_smoothing)
+  if d.mixup_alpha or d.cutmix_alpha:
+    images, targets = data.mixup_cutmix(mix_key, images, targets, mixup_alpha=d.mixup_alpha,
+                                        cutmix_alpha=d.cutmix_alpha)
+  return images, targets
+
+
+def training_seed_key(seed: int) -> jax.Array:
+  """The key every step's randomness is folded from (distinct from the parameter-init key)."""
+  return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def step_keys(seed_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(augment_key, dropout_key) of `step`: a function of (seed, step) only."""
+  augment_key, dropout_key = jax.random.split(jax.random.fold_in(seed_key, step))
+  return augment_key, dropout_key
+
+
+def batch_of_step(train_images: jax.Array, train_labels: jax.Array, epoch_order: jax.Array,
+                  step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The `device` mode's batch of `step`: the rows of the on-device split that row
+  `step % steps_per_epoch` of epoch_order int32 [steps_per_epoch, B] names."""
+  indices = epoch_order[step % epoch_order.shape[0]]
+  return train_images[indices], train_labels[indices]
 
 
 def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array, *,
                graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, seed_key: jax.Array,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, ClassificationMetrics]:
+               num_classes: int, config: ml_collections.ConfigDict) -> tuple[TrainState, ClassificationMetrics]:
   """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B].
 
   The augmentation and dropout keys are `fold_in(seed_key, step)`, so a resumed run repeats
   exactly what an uninterrupted one would have done.
   """
-  step_key = jax.random.fold_in(seed_key, state.step)
-  augment_key, dropout_key = jax.random.split(step_key)
-  images = prepare_images(images, config.data, augment_key)
+  augment_key, dropout_key = step_keys(seed_key, state.step)
+  inputs, targets = augment_batch(augment_key, images, labels, num_classes=num_classes, config=config)
 
   def loss_fn(params):
-    logits, model_state = apply_model(graphdef, params, state.model_state, images, train=True,
+    logits, model_state = apply_model(graphdef, params, state.model_state, inputs, train=True,
                                       dropout_key=dropout_key)
-    losses = softmax_cross_entropy(logits, labels, config.label_smoothing)
-    return losses.mean(), (logits, model_state)
+    return softmax_cross_entropy(logits, targets).mean(), (logits, model_state)
 
   (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   # A non-finite loss or gradient: optax.apply_if_finite skips the update; the BatchNorm
   # statistics are kept too, and the step is recorded for the loop to act on.
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+      step=state.step + 1, params=params, opt_state=opt_state,
+      ema_params=(optax.incremental_update(params, state.ema_params, 1.0 - config.ema_decay)
+                  if config.ema_decay else state.ema_params),
       model_state=jax.tree.map(lambda new, old: jnp.where(finite, new, old), model_state, state.model_state),
       first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                                      state.first_nonfinite_step))
@@ -79,17 +119,21 @@ def train_step_on_device_data(state: TrainState, metrics: ClassificationMetrics,
   train_images: uint8 [N, H, W, C] and train_labels: int32 [N], the whole split on device.
   epoch_order: int32 [steps_per_epoch, B], row r = the example indices of the epoch's r-th step.
   """
-  indices = epoch_order[state.step % epoch_order.shape[0]]
-  return train_step(state, metrics, train_images[indices], train_labels[indices], **step_kwargs)
+  images, labels = batch_of_step(train_images, train_labels, epoch_order, state.step)
+  return train_step(state, metrics, images, labels, **step_kwargs)
 
 
 def eval_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
               mask: jax.Array, *, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
               ) -> ClassificationMetrics:
   """Adds a padded batch to `metrics`: images uint8 [B, H, W, C], labels [B], mask bool [B]
-  (False on padding, which then counts in neither loss nor accuracy)."""
-  logits, _ = apply_model(graphdef, state.params, state.model_state, prepare_images(images, config.data),
-                          train=False)
+  (False on padding, which then counts in neither loss nor accuracy). With config.eval_flip
+  the logits are the mean over the image and its mirror image."""
+  images = prepare_images(images, config.data)
+  logits, _ = apply_model(graphdef, state.params, state.model_state, images, train=False)
+  if config.eval_flip:
+    mirrored_logits, _ = apply_model(graphdef, state.params, state.model_state, images[:, :, ::-1], train=False)
+    logits = (logits + mirrored_logits) / 2
   losses = softmax_cross_entropy(logits, labels)
   return metrics.merge(ClassificationMetrics.single_from_model_output(
       loss=losses, logits=logits, labels=labels, mask=mask))

@@ -1,0 +1,272 @@
+"""Trains the paper's three networks (or a sweep over one config key) one after another, then reports.
+
+    python -m hybridvit_jax.study --preset=paper --workdir=runs/study [--models=vit,resnet50,hybrid]
+        [--config.KEY=VALUE ...]
+    python -m hybridvit_jax.study --sweep=stem_layers --values=0,1,2,3,4 --preset=paper --workdir=runs/stem
+        [--models=hybrid] [--config.KEY=VALUE ...]
+
+The study trains configs/<model>.py with --preset in WORKDIR/<model> (vit, resnet50, hybrid); a
+sweep trains one network (hybrid unless --models names another) once per value of the config
+key --sweep (a dotted key, or a leaf name that is unique in the schema: stem_layers is
+model.stem_layers), in WORKDIR/<leaf>_<value>, with the values parsed as the key's type. Then
+the report (python -m hybridvit_jax.report) of all the runs goes to WORKDIR/report; a sweep adds
+<name>.md and <name>.png there: accuracy and training images/s against the value (stem_depth for
+model.stem_layers, sweep_<leaf> otherwise).
+
+--config.KEY=VALUE overrides apply to every run; an unknown key or a bad value stops the command
+before anything is trained, with one line and exit code 2. Running the same command again
+resumes unfinished runs and trains nothing for finished ones.
+"""
+import dataclasses
+import difflib
+import importlib
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from hybridvit_jax import cli, configuration, data, report
+from hybridvit_jax.training import loop
+
+MODEL_CONFIG_MODULES = {'vit': 'configs.vit', 'resnet50': 'configs.resnet50', 'hybrid': 'configs.hybrid'}
+SWEEP_MODEL = 'hybrid'
+SWEEP_REPORT_NAMES = {'model.stem_layers': 'stem_depth'}
+REPORT_DIR = 'report'
+SWEEPABLE_TYPES = (bool, int, float, str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One training run of the study: its directory name under WORKDIR, its full config and workdir."""
+  name: str
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A config key (dotted) and the values it takes, one run each, in order."""
+  key: str
+  values: tuple[Any, ...]
+
+  @property
+  def leaf(self) -> str:
+    return self.key.rsplit('.', 1)[-1]
+
+  def run_name(self, value: Any) -> str:
+    return f'{self.leaf}_{value}'
+
+  @property
+  def report_name(self) -> str:
+    return SWEEP_REPORT_NAMES.get(self.key, f'sweep_{self.leaf}')
+
+
+# ---------------------------------------------------------------------------- configs
+def schema_defaults() -> dict[str, Any]:
+  """Every config key (dotted) with its default value."""
+  return configuration.flatten(configuration.base_config().to_dict())
+
+
+def model_config(model: str, preset: str) -> ml_collections.ConfigDict:
+  """configs/<model>.py's get_config(preset); an unknown preset is the config file's ConfigError."""
+  try:
+    module = importlib.import_module(MODEL_CONFIG_MODULES[model])
+  except ModuleNotFoundError as error:
+    if error.name != 'configs':
+      raise
+    raise configuration.ConfigError('the configs/ package is not importable: run the study from the '
+                                    'repository root') from None
+  return module.get_config(preset)
+
+
+def parse_models(text: str) -> list[str]:
+  """'vit,hybrid' -> ['vit', 'hybrid']; an unknown or repeated name is a ConfigError."""
+  models = [name.strip() for name in text.split(',') if name.strip()]
+  unknown = [name for name in models if name not in MODEL_CONFIG_MODULES]
+  if unknown or not models or len(set(models)) < len(models):
+    raise configuration.ConfigError(
+        f'--models={text!r} is invalid: expected distinct names among {", ".join(MODEL_CONFIG_MODULES)}')
+  return models
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` (locked: no new keys) with the flat {dotted key: value} overrides applied."""
+  config = config.copy_and_resolve_references()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def unknown_override_keys(argv: Sequence[str]) -> dict[str, list[str]]:
+  """{key: close matches} of each --config.KEY on the command line that is not a key of the schema."""
+  keys = schema_defaults()
+  given = [match.group(1) for arg in flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+           if (match := re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg))]
+  return {key: difflib.get_close_matches(key, list(keys), n=3) for key in given if key not in keys}
+
+
+# ------------------------------------------------------------------------------ sweeps
+def resolve_key(name: str) -> str:
+  """A dotted config key, or the only key whose last part is `name` ('stem_layers' -> 'model.stem_layers')."""
+  keys = schema_defaults()
+  if name in keys:
+    return name
+  matches = [key for key in keys if key.rsplit('.', 1)[-1] == name]
+  if len(matches) != 1:
+    found = f'it could be {", ".join(matches)}' if matches else 'no config key is called that'
+    raise configuration.ConfigError(f'--sweep={name!r}: {found}; give the dotted key, e.g. --sweep=model.stem_layers')
+  return matches[0]
+
+
+def parse_value(text: str, key: str) -> Any:
+  """`text` as a value of config key `key`, of the type of its default."""
+  default = schema_defaults()[key]
+  kind = type(default)
+  if kind not in SWEEPABLE_TYPES:
+    raise configuration.ConfigError(f'--sweep={key}: a {kind.__name__} key cannot be swept; sweep a number, '
+                                    'a string or a boolean')
+  try:
+    if kind is bool:
+      return {'true': True, '1': True, 'false': False, '0': False}[text.strip().lower()]
+    return kind(text.strip())
+  except (KeyError, ValueError):
+    raise configuration.ConfigError(f'--values: {text!r} is not a valid {kind.__name__}, the type of {key}') from None
+
+
+def parse_sweep(name: str, values: Sequence[str]) -> Sweep:
+  key = resolve_key(name)
+  parsed = tuple(parse_value(text, key) for text in values)
+  if not parsed or len(set(parsed)) < len(parsed):
+    raise configuration.ConfigError(f'--values={",".join(values)}: give distinct values of {key} to sweep')
+  return Sweep(key, parsed)
+
+
+# ------------------------------------------------------------------------------- plans
+def study_experiments(models: Sequence[str], preset: str, overrides: dict[str, Any],
+                      workdir: pathlib.Path) -> list[Experiment]:
+  """Each network with `preset` and the overrides, in WORKDIR/<model>."""
+  return [Experiment(model, with_overrides(model_config(model, preset), overrides), workdir / model)
+          for model in models]
+
+
+def sweep_experiments(model: str, preset: str, overrides: dict[str, Any], sweep: Sweep,
+                      workdir: pathlib.Path) -> list[Experiment]:
+  """`model` with `preset`, the overrides and each value of the swept key, in WORKDIR/<leaf>_<value>."""
+  if sweep.key in overrides:
+    raise configuration.ConfigError(f'--config.{sweep.key} and --sweep={sweep.key} both set it: drop one')
+  base = model_config(model, preset)
+  return [Experiment(sweep.run_name(value), with_overrides(base, {**overrides, sweep.key: value}),
+                     workdir / sweep.run_name(value)) for value in sweep.values]
+
+
+def check_experiments(experiments: Sequence[Experiment]) -> None:
+  """Raises ConfigError (or DataError) for the first run that cannot start, before any trains.
+
+  In a multi-process run process 0 goes first, so that it alone prepares a data set that needs it.
+  """
+  is_chief = jax.process_index() == 0
+  if not is_chief:
+    multihost_utils.sync_global_devices('study checked')
+  for experiment in experiments:
+    info = data.dataset_info(experiment.config.data)
+    try:
+      configuration.validate(experiment.config, device_count=jax.device_count(), image_shape=info.image_shape)
+    except configuration.ConfigError as error:
+      raise configuration.ConfigError(f'{experiment.name}: {error}') from None
+    configuration.check_same_run(experiment.config, experiment.workdir)
+  if is_chief and jax.process_count() > 1:
+    multihost_utils.sync_global_devices('study checked')
+
+
+# --------------------------------------------------------------------------------- run
+def preset_name(preset: str) -> str:
+  return preset or 'default'
+
+
+def train_all(experiments: Sequence[Experiment], preset: str) -> None:
+  """Trains (or resumes) each run in turn, with one progress line per run; finished runs train nothing."""
+  for index, experiment in enumerate(experiments, 1):
+    print(f'[{index}/{len(experiments)}] {experiment.name} (preset {preset_name(preset)}) -> {experiment.workdir}',
+          flush=True)
+    loop.train_and_evaluate(experiment.config, str(experiment.workdir))
+
+
+def run_study(experiments: Sequence[Experiment], workdir: pathlib.Path, *, preset: str,
+              sweep: Sweep | None = None) -> dict[str, Any] | None:
+  """Checks every run, trains them in turn, then writes the report (and the sweep's) into
+  WORKDIR/report. Returns write_report's result, with the sweep's files added; None on the
+  processes other than 0 of a multi-process run, which write nothing."""
+  check_experiments(experiments)
+  train_all(experiments, preset)
+  if jax.process_index() != 0:
+    return None
+  out_dir = workdir / REPORT_DIR
+  result = report.write_report([e.workdir for e in experiments], out_dir)
+  if sweep is not None:
+    result['files'] += report.write_sweep_report(sweep.key, sweep.values, result['rows'], out_dir,
+                                                 sweep.report_name)
+  return result
+
+
+def plan(options: flags.FlagValues, overrides: dict[str, Any]) -> tuple[list[Experiment], Sweep | None]:
+  """The runs the command line asks for."""
+  workdir = pathlib.Path(options.workdir)
+  if options.sweep is None:
+    models = parse_models(options.models) if options.models else list(MODEL_CONFIG_MODULES)
+    return study_experiments(models, options.preset, overrides, workdir), None
+  models = parse_models(options.models or SWEEP_MODEL)
+  if len(models) != 1:
+    raise configuration.ConfigError(f'--sweep trains one network: give --models=NAME, not {options.models!r}')
+  sweep = parse_sweep(options.sweep, options.values)
+  return sweep_experiments(models[0], options.preset, overrides, sweep, workdir), sweep
+
+
+# -------------------------------------------------------------------------------- main
+def define_flags(argv: Sequence[str]) -> None:
+  """The command's flags, defined only when it runs (importing this module adds none).
+
+  --config is the schema with every key overridable; an unknown --config.KEY is reported here in
+  one line (exit code 2), as ml_collections would raise it while defining the flag.
+  """
+  for key, close in unknown_override_keys(argv).items():
+    hint = f'; did you mean {" or ".join(close)}?' if close else ' (see hybridvit_jax/configuration.py)'
+    cli.fail(f'--config.{key}: no such config key{hint}')
+  flags.DEFINE_string('workdir', None, 'Directory of the study: one run per network, and report/.', required=True)
+  flags.DEFINE_string('preset', '', "Preset of every config file: '' (default), paper, smoke, ...")
+  flags.DEFINE_string('models', None, 'Comma-separated networks among vit,resnet50,hybrid (default: all three; '
+                      'with --sweep: hybrid).')
+  flags.DEFINE_string('sweep', None, 'A config key to sweep, e.g. stem_layers or optimizer.learning_rate.')
+  flags.DEFINE_list('values', None, 'The values of the --sweep key, e.g. 0,1,2,3,4.')
+  config_flags.DEFINE_config_dict('config', configuration.base_config(),
+                                  'Overrides for every run: --config.KEY=VALUE.', sys_argv=list(argv))
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  options = flags.FLAGS
+  if (options.sweep is None) != (options.values is None):
+    cli.fail('--sweep and --values go together: --sweep=stem_layers --values=0,1,2,3,4')
+  cli.quiet_library_logs()
+  cli.initialize_distributed(None, None, None)
+  overrides = dict(config_flags.get_override_values(options['config']))
+  experiments, sweep = cli.run_and_exit(plan, options, overrides)
+  try:
+    result = cli.run_and_exit(run_study, experiments, pathlib.Path(options.workdir), preset=options.preset,
+                              sweep=sweep)
+  except loop.NonFiniteLossError as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(1)
+  if result is not None:
+    report.print_report(result)
+
+
+if __name__ == '__main__':
+  define_flags(sys.argv)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

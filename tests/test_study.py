@@ -1,0 +1,127 @@
+"""The study: networks trained in turn then reported, a rerun that trains nothing, overrides for
+every run, one-line errors, and the stem-depth sweep."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from hybridvit_jax import configuration, study
+from hybridvit_jax.training import loop
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_study_command(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'hybridvit_jax.study', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+
+
+def error_lines(stderr: str) -> list[str]:
+  """The command's own error lines (libraries log other lines to stderr at start-up)."""
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+def run_files(workdir: pathlib.Path) -> dict[str, str]:
+  """Each run's history and the step directories of its checkpoints: what training changes."""
+  return {str(path.relative_to(workdir)): path.read_text() if path.is_file() else ''
+          for path in sorted(workdir.glob('*/history.jsonl')) + sorted(workdir.glob('*/checkpoints/*/*'))}
+
+
+def test_study_trains_with_the_overrides_then_reports_and_a_rerun_trains_nothing(tmp_path):
+  """One network for time (the ViT smoke run of test_predict, so its compilations are cached);
+  test_the_study_is_the_three_networks... checks the plan for all three."""
+  args = ['--preset=smoke', f'--workdir={tmp_path}', '--models=vit', '--config.num_epochs=1']
+  first = run_study_command(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert f'[1/1] vit (preset smoke) -> {tmp_path / "vit"}' in first.stdout
+  assert json.loads((tmp_path / 'vit' / 'config.json').read_text())['num_epochs'] == 1
+  assert [r['epoch'] for r in loop.read_history(tmp_path / 'vit')] == [1]
+  table = (tmp_path / 'report' / 'table.md').read_text()
+  assert '| vit | vit |' in table and '| CNN+ViT | 70.28% | 10 | 4 h 17 min |' in table
+  assert table in first.stdout
+  assert (tmp_path / 'report' / 'curves.png').stat().st_size > 10_000
+
+  trained = run_files(tmp_path)
+  assert len(trained) == 1 + 2  # the history, the latest and the best step directory
+  second = run_study_command(*args)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert run_files(tmp_path) == trained
+  assert 'resumed from step 7 of 7' in second.stderr and 'epoch 1: {' not in second.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.num_epoch=1', 'error: --config.num_epoch: no such config key; did you mean num_epochs?'),
+    ('--config.model.stem_layers=two', "error: flag --config.model.stem_layers=two: invalid literal for int() "
+                                       "with base 10: 'two'"),
+])
+def test_a_bad_override_is_one_line_and_exit_code_2_before_anything_is_written(override, message, tmp_path):
+  result = run_study_command('--preset=smoke', f'--workdir={tmp_path / "study"}', override)
+  assert result.returncode == 2
+  assert error_lines(result.stderr) == [message]
+  assert not (tmp_path / 'study').exists()
+
+
+def record_accuracy_by_stem_depth(config, workdir):
+  """Stands in for loop.train_and_evaluate: writes config.json and one epoch whose accuracies
+  are 10% per stem layer, as a finished run would."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  configuration.save_run_config(config, workdir)
+  accuracy = 0.1 * config.model.stem_layers
+  record = {'epoch': 1, 'step': 7, 'train_loss': 2.0, 'train_accuracy': accuracy, 'val_loss': 2.0,
+            'val_accuracy': accuracy, 'test_loss': 2.0, 'test_accuracy': accuracy + 0.05, 'elapsed_s': 10.0,
+            'images_per_s': 1000.0 / (1 + config.model.stem_layers)}
+  (workdir / 'history.jsonl').write_text(json.dumps(record) + '\n')
+
+
+def test_stem_depth_sweep_trains_one_run_per_depth_and_reports_against_depth(tmp_path, monkeypatch):
+  monkeypatch.setattr(study.loop, 'train_and_evaluate', record_accuracy_by_stem_depth)
+  sweep = study.parse_sweep('stem_layers', ['1', '3'])
+  experiments = study.sweep_experiments('hybrid', 'smoke', {'num_epochs': 1}, sweep, tmp_path)
+  result = study.run_study(experiments, tmp_path, preset='smoke', sweep=sweep)
+  for depth in (1, 3):
+    saved = configuration.load_run_config(tmp_path / f'stem_layers_{depth}')
+    assert (saved.model.name, saved.model.stem_layers, saved.num_epochs) == ('hybrid', depth, 1)
+  report_dir = tmp_path / 'report'
+  assert {report_dir / 'stem_depth.md', report_dir / 'stem_depth.png', report_dir / 'curves.png'} <= set(result['files'])
+  assert (report_dir / 'stem_depth.png').stat().st_size > 10_000
+  rows = [line.strip('| ').split(' | ') for line in (report_dir / 'stem_depth.md').read_text().splitlines()
+          if line.startswith('| ')]
+  header = rows[0]
+  assert header[:2] == ['model.stem_layers', 'Run']
+  by_depth = {row[0]: dict(zip(header, row)) for row in rows[1:]}
+  assert list(by_depth) == ['1', '3']
+  assert by_depth['1']['Best val accuracy'] == '10.00% (epoch 1)' and by_depth['3']['Max test accuracy'] == '35.00% (epoch 1)'
+  assert by_depth['1']['Images/s'] == '500' and by_depth['3']['Images/s'] == '250'
+  gflops = [float(by_depth[d]['GFLOPs/image']) for d in ('1', '3')]
+  assert gflops[0] != gflops[1]  # each depth's own network
+
+
+def test_sweep_keys_resolve_from_their_last_part_and_values_take_the_keys_type():
+  assert study.resolve_key('stem_layers') == 'model.stem_layers'
+  assert study.resolve_key('optimizer.name') == 'optimizer.name'
+  with pytest.raises(configuration.ConfigError, match='optimizer.name'):
+    study.resolve_key('name')  # data.name, model.name, optimizer.name
+  assert study.parse_sweep('learning_rate', ['1e-3', '3e-4']).values == (1e-3, 3e-4)
+  assert study.parse_sweep('flip', ['true', '0']).values == (True, False)
+  assert study.parse_sweep('stem_layers', ['0', '4']).report_name == 'stem_depth'
+  assert study.parse_sweep('seed', ['0', '1']).report_name == 'sweep_seed'
+  for key, values in [('stem_layers', ['1.5']), ('stem_layers', ['1', '1']), ('stem_channels', ['8'])]:
+    with pytest.raises(configuration.ConfigError):
+      study.parse_sweep(key, values)
+
+
+def test_the_study_is_the_three_networks_with_the_overrides_in_their_own_directories(tmp_path):
+  experiments = study.study_experiments(list(study.MODEL_CONFIG_MODULES), 'paper', {'batch_size': 64}, tmp_path)
+  assert [(e.name, e.config.model.name, e.workdir) for e in experiments] == [
+      ('vit', 'vit', tmp_path / 'vit'), ('resnet50', 'resnet50', tmp_path / 'resnet50'),
+      ('hybrid', 'hybrid', tmp_path / 'hybrid')]
+  assert all(e.config.batch_size == 64 and e.config.optimizer.name == 'adam' for e in experiments)
+  with pytest.raises(configuration.ConfigError, match='--models'):
+    study.parse_models('vit,convnext')
+  with pytest.raises(configuration.ConfigError, match='both set it'):
+    study.sweep_experiments('hybrid', 'smoke', {'model.stem_layers': 1}, study.parse_sweep('stem_layers', ['2']),
+                            tmp_path)
+
