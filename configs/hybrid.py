@@ -25,9 +25,11 @@ def get_config(preset: str = ''):
       recipe={**common.TRANSFORMER_RECIPE, 'num_epochs': 300},
       paper=common.TRANSFORMER_PAPER,
       # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes. The conv stem does the
-      # work at high resolution (pooling 32 -> 4); a 4-layer encoder mixes the 4x4 tokens.
-      cpu={'num_epochs': 12, 'batch_size': 256, 'optimizer.name': 'adamw', 'optimizer.learning_rate': 2e-3,
-           'optimizer.weight_decay': 0.05, 'optimizer.warmup_epochs': 1.0, 'label_smoothing': 0.1})
+      # work at high resolution (pooling 32 -> 4); a 4-layer encoder mixes the 4x4 tokens. Batch
+      # 128 runs faster per image than 256 on 2 cores (cache) and gives twice the steps; 6 epochs
+      # of 45,000 images at ~170 images/s plus evaluation fill the 30 minutes.
+      cpu={'num_epochs': 6, 'batch_size': 128, 'optimizer.name': 'adamw', 'optimizer.learning_rate': 2e-3,
+           'optimizer.weight_decay': 0.05, 'optimizer.warmup_epochs': 0.5, 'label_smoothing': 0.1})
   if preset == 'cpu':
     config.model.update(CPU_HYBRID)
   elif preset != 'smoke':

@@ -280,3 +280,42 @@ def test_token_grid_keeps_the_token_count_whatever_the_stem_depth():
   cfg.token_grid = 5
   with pytest.raises(ValueError, match='model.token_grid=5'):
     models.validate_model_config(cfg, (32, 32, 3))
+
+
+@pytest.mark.parametrize('kernel_size, stride, padding, height', [
+    (3, 1, 'SAME', 9), (3, 2, ((1, 1), (1, 1)), 8), (1, 2, ((0, 0), (0, 0)), 8), (1, 1, 'VALID', 5),
+    (7, 2, ((3, 3), (3, 3)), 16), (2, 2, 'VALID', 7)])
+def test_matmul_conv_equals_xla_convolution_and_its_gradients(kernel_size, stride, padding, height):
+  images = jax.random.normal(jax.random.key(0), (2, height, height + 1, 4))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 6))
+  numbers = jax.lax.conv_dimension_numbers(images.shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+  def loss(conv, images, kernel):
+    out = conv(images, kernel, (stride, stride), padding, dimension_numbers=numbers, precision='highest')
+    return jnp.sum(jnp.sin(out)), out
+
+  (_, expected), expected_grads = jax.value_and_grad(
+      functools.partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1), has_aux=True)(images, kernel)
+  (_, got), got_grads = jax.value_and_grad(
+      functools.partial(loss, layers.matmul_conv), argnums=(0, 1), has_aux=True)(images, kernel)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for got_grad, expected_grad in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_conv_passes_grouped_convolutions_to_xla():
+  images = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+  numbers = jax.lax.conv_dimension_numbers(images.shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC'))
+  args = (images, kernel, (1, 1), 'SAME')
+  np.testing.assert_array_equal(
+      layers.matmul_conv(*args, dimension_numbers=numbers, feature_group_count=2),
+      jax.lax.conv_general_dilated(*args, dimension_numbers=numbers, feature_group_count=2))
+
+
+@pytest.mark.parametrize('height, width', [(8, 8), (7, 9)])
+def test_max_pool_2x2_equals_flax_max_pool(height, width):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+  hand_made = jnp.array([[1., 5.], [3., 2.]]).reshape(1, 2, 2, 1)
+  assert float(layers.max_pool_2x2(hand_made)[0, 0, 0, 0]) == 5.
