@@ -253,8 +253,10 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(variant):
   assert {param.dtype for param in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
   assert jax.eval_shape(lambda x: model(x, train=False), images).dtype == jnp.float32
   dtypes = compute_dtypes(model, images)
-  assert dtypes['conv_general_dilated'] == {'bf16'}
-  assert 'bf16' in dtypes['dot_general']  # the head, and the transformer's Linear layers
+  # On CPU the conv layers are matrix products (layers.matmul_conv); the ViT's patch embedding
+  # stays a convolution. Either way: nothing but bf16.
+  assert dtypes['conv_general_dilated'] <= {'bf16'}
+  assert 'bf16' in dtypes['dot_general']  # conv layers, the head, the transformer's Linear layers
 
 
 def test_bfloat16_training_forward_is_finite():

@@ -214,11 +214,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
         state, metrics = train_step(state, metrics, *step_inputs)
         step += 1
-        for hook in hooks:
-          hook(step)
         if step % config.log_every_steps == 0:
-          check_finite(state, config, checkpoints)
+          check_finite(state, config, checkpoints)  # waits for the step: the host is not ahead here
           writer.write_scalars(step, {f'train_{k}': v for k, v in metrics.compute().items()})
+          for hook in hooks:  # so steps/s and the ETA count finished steps, not dispatched ones
+            hook(step)
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
           check_finite(state, config, checkpoints)
           checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
