@@ -247,16 +247,22 @@ def compute_dtypes(model, images):
 
 
 @pytest.mark.parametrize('variant', TINY_VARIANTS)
-def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(variant):
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(variant, monkeypatch):
+  # XLA's convolution, as on GPUs and TPUs (where bf16 is used), so the conv layers show as convolutions.
+  monkeypatch.setattr(layers, 'backend_conv', jax.lax.conv_general_dilated)
   model = build(make_config(variant, dtype='bfloat16'))
   images = random_images(2)
   assert {param.dtype for param in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
   assert jax.eval_shape(lambda x: model(x, train=False), images).dtype == jnp.float32
   dtypes = compute_dtypes(model, images)
-  # On CPU the conv layers are matrix products (layers.matmul_conv); the ViT's patch embedding
-  # stays a convolution. Either way: nothing but bf16.
-  assert dtypes['conv_general_dilated'] <= {'bf16'}
-  assert 'bf16' in dtypes['dot_general']  # conv layers, the head, the transformer's Linear layers
+  assert dtypes['conv_general_dilated'] == {'bf16'}
+  assert 'bf16' in dtypes['dot_general']  # the head, and the transformer's Linear layers
+
+
+def test_bfloat16_matmul_convolutions_compute_in_bfloat16():
+  model = build(make_config('resnet_test', dtype='bfloat16'))  # on CPU every conv is a matmul_conv
+  dtypes = compute_dtypes(model, random_images(2))
+  assert dtypes == {'conv_general_dilated': set(), 'dot_general': {'bf16'}}
 
 
 def test_bfloat16_training_forward_is_finite():

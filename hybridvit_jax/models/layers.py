@@ -38,8 +38,8 @@ def matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], p
   than its native convolution for the 3x3 layers of the models here (BENCHMARKS.md). Anything else (dilation,
   groups, other layouts) goes to `lax.conv_general_dilated` unchanged.
   """
-  plain = (feature_group_count == 1 and lhs.ndim == 4 and not any(d != 1 for d in (lhs_dilation or ()))
-           and not any(d != 1 for d in (rhs_dilation or ()))
+  plain = (feature_group_count == 1 and lhs.ndim == 4 and all(d == 1 for d in (lhs_dilation or ()))
+           and all(d == 1 for d in (rhs_dilation or ()))
            and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO))
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
