@@ -13,10 +13,13 @@ from configs import common
 HYBRID = {'name': 'hybrid', 'stem_layers': 3, 'stem_channels': (64, 128, 192), 'stem_kernel_sizes': (3,),
           'stem_strides': (1,), 'stem_pools': (False, True, True, False), 'token_grid': 8}
 
-# The cpu preset's network: 3 conv layers (64, 128, 256 channels), each followed by 2x2
-# max-pooling, then 4x4 tokens of width 256 through 4 Transformer layers.
-CPU_HYBRID = {**HYBRID, 'stem_channels': (64, 128, 256), 'stem_pools': (True, True, True, False), 'token_grid': 4,
-              'hidden_size': 256, 'num_layers': 4, 'num_heads': 4, 'mlp_dim': 512, 'pooling': 'mean'}
+# The cpu preset's network, for accuracy per FLOP in a few epochs: six conv layers in three
+# stages (64, 128, 256 channels; 2x2 max-pool after the first conv of each stage, as airbench's
+# conv groups) take 32x32 images to 4x4, whose 16 positions are the tokens of one Transformer
+# layer of width 256 (mean pooling). 0.16 GFLOP per image forward.
+CPU_HYBRID = {**HYBRID, 'stem_layers': 6, 'stem_channels': (64, 64, 128, 128, 256, 256),
+              'stem_pools': (True, False, True, False, True, False), 'token_grid': 4,
+              'hidden_size': 256, 'num_layers': 1, 'num_heads': 4, 'mlp_dim': 512, 'pooling': 'mean'}
 
 
 def get_config(preset: str = ''):
@@ -24,12 +27,15 @@ def get_config(preset: str = ''):
       variant='vit_ti4', smoke_variant='hybrid_test', preset=preset,
       recipe={**common.TRANSFORMER_RECIPE, 'num_epochs': 300},
       paper=common.TRANSFORMER_PAPER,
-      # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes. The conv stem does the
-      # work at high resolution (pooling 32 -> 4); a 4-layer encoder mixes the 4x4 tokens. Batch
-      # 128 runs faster per image than 256 on 2 cores (cache) and gives twice the steps; 6 epochs
-      # of 45,000 images at ~170 images/s plus evaluation fill the 30 minutes.
-      cpu={'num_epochs': 6, 'batch_size': 128, 'optimizer.name': 'adamw', 'optimizer.learning_rate': 2e-3,
-           'optimizer.weight_decay': 0.05, 'optimizer.warmup_epochs': 0.5, 'label_smoothing': 0.1})
+      # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes. SGD-Nesterov at a high
+      # rate trains the BatchNorm conv stem far faster than AdamW in one epoch (65.6% against
+      # AdamW's slower climb, README "runs tried"); label smoothing 0.2. The step runs at ~1.22
+      # per second (batch 128): 2,000 steps (5.7 epochs) plus compile and six evaluations fill
+      # the 30 minutes, the schedule ending with them.
+      cpu={'num_epochs': 6, 'max_steps': 2000, 'batch_size': 128, 'optimizer.name': 'sgd',
+           'optimizer.learning_rate': 0.1, 'optimizer.momentum': 0.9, 'optimizer.nesterov': True,
+           'optimizer.weight_decay': 5e-4, 'optimizer.warmup_epochs': 0.75, 'optimizer.grad_clip_norm': 0.0,
+           'label_smoothing': 0.2})
   if preset == 'cpu':
     config.model.update(CPU_HYBRID)
   elif preset != 'smoke':
