@@ -3,7 +3,9 @@
     python -m hybridvit_jax.evaluate --workdir=runs/vit [--checkpoint=best|latest] [--split=test]
 
 The last line printed is one JSON object: {"accuracy", "loss", "examples", "split", "step", ...}.
---split is test, val or train (the run's configured splits) or any tfds split string.
+--split is test, val or train (the run's configured splits) or any tfds split string. The same
+object is appended to WORKDIR/evaluations.jsonl, where `report` finds the test accuracy of a run
+that did not evaluate the test split while training (the :cpu presets).
 """
 import json
 import pathlib
@@ -15,6 +17,7 @@ from hybridvit_jax import cli, configuration, data
 from hybridvit_jax.training import inputs, loop
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 
+EVALUATIONS_FILE = 'evaluations.jsonl'
 
 
 def resolve_split(config, split: str) -> str:
@@ -51,6 +54,20 @@ def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test', ema: b
           'weights': 'ema' if ema else 'trained', **result}
 
 
+def record_evaluation(workdir: str | pathlib.Path, result: dict) -> None:
+  """Appends one `evaluate` result to WORKDIR/evaluations.jsonl."""
+  with open(pathlib.Path(workdir) / EVALUATIONS_FILE, 'a') as f:
+    f.write(json.dumps(result) + '\n')
+
+
+def read_evaluations(workdir: str | pathlib.Path) -> list[dict]:
+  """The `evaluate` results recorded in WORKDIR, oldest first; [] when there are none."""
+  path = pathlib.Path(workdir) / EVALUATIONS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def define_flags() -> None:
   """The command's flags, defined only when it runs (importing this module adds none)."""
   flags.DEFINE_string('workdir', None, 'The --workdir of a training run.', required=True)
@@ -65,6 +82,8 @@ def main(argv):
   cli.quiet_library_logs()
   options = flags.FLAGS
   result = cli.run_and_exit(evaluate, options.workdir, options.checkpoint, options.split, options.ema)
+  if jax.process_index() == 0:
+    record_evaluation(options.workdir, result)
   print(json.dumps(result), flush=True)
 
 

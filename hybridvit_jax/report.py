@@ -2,7 +2,9 @@
 
     python -m hybridvit_jax.report runs/vit runs/resnet50 runs/hybrid --out=runs/report
 
-Reads each RUN_DIR's config.json and history.jsonl and writes into --out:
+Reads each RUN_DIR's config.json, history.jsonl and evaluations.jsonl (what `evaluate` recorded:
+the test accuracy of a run that did not evaluate the test split while training) and writes into
+--out:
   table.md, table.csv  one row per run: parameters, GFLOPs per image, epochs, wall time,
                        images/s, best validation accuracy, the test accuracy of the best-validation
                        epoch (what the best checkpoint scores) and the maximum test accuracy over
@@ -30,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from hybridvit_jax import cli, configuration, data, models
+from hybridvit_jax import cli, configuration, data, evaluate, models
 from hybridvit_jax.training import loop, steps
 
 MISSING = '–'
@@ -50,11 +52,13 @@ PAPER_RESULTS = (('ViT', 0.6097, 16, '7 h'), ('ResNet50', 0.7835, 19, '6 h 40 mi
 # ----------------------------------------------------------------------------- one run
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """A run directory read from disk: its config and its per-epoch records, oldest first."""
+  """A run directory read from disk: its config, its per-epoch records and its `evaluate` results,
+  each oldest first."""
   name: str
   path: pathlib.Path
   config: ml_collections.ConfigDict
   history: list[dict[str, Any]]
+  evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def run_names(run_dirs: Sequence[pathlib.Path]) -> list[str]:
@@ -67,7 +71,8 @@ def run_names(run_dirs: Sequence[pathlib.Path]) -> list[str]:
 def read_runs(run_dirs: Sequence[str | pathlib.Path]) -> list[Run]:
   """Every run's config and history; a directory without config.json is a ConfigError."""
   paths = [pathlib.Path(d) for d in run_dirs]
-  return [Run(name, path, configuration.load_run_config(path), loop.read_history(path))
+  return [Run(name, path, configuration.load_run_config(path), loop.read_history(path),
+              evaluate.read_evaluations(path))
           for name, path in zip(run_names(paths), paths)]
 
 
@@ -106,6 +111,27 @@ def history_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
   return summary
 
 
+def evaluated_test_accuracy(history: list[dict[str, Any]], evaluations: list[dict[str, Any]],
+                            test_split: str) -> float | None:
+  """The newest accuracy `evaluate` recorded on `test_split` for the trained (not EMA) weights of
+  the best-validation epoch's step (what `evaluate --checkpoint=best --split=test` measures); None
+  if there is none, or if the run has moved on to a better epoch since."""
+  if not history:
+    return None
+  best_step = max(history, key=lambda r: r['val_accuracy'])['step']
+  matches = [e for e in evaluations
+             if e.get('split') == test_split and e.get('step') == best_step and e.get('weights') == 'trained']
+  return matches[-1]['accuracy'] if matches else None
+
+
+def planned_epochs(config: ml_collections.ConfigDict, history: list[dict[str, Any]]) -> float:
+  """num_epochs, or fewer where max_steps ends the run first (known once an epoch is recorded)."""
+  if not (config.max_steps and history and history[-1]['epoch']):
+    return config.num_epochs
+  steps_per_epoch = history[-1]['step'] / history[-1]['epoch']
+  return min(config.num_epochs, round(config.max_steps / steps_per_epoch, 3))
+
+
 def model_cost(model_config: ml_collections.ConfigDict, *, num_classes: int,
                image_shape: tuple[int, int, int]) -> tuple[int, float]:
   """(parameters, GFLOPs of a forward pass on one float32 image [1, H, W, C]).
@@ -137,8 +163,12 @@ def run_row(run: Run) -> dict[str, Any]:
     parameters, gflops = None, None
   else:
     parameters, gflops = model_cost(run.config.model, num_classes=info.num_classes, image_shape=info.image_shape)
+  summary = history_summary(run.history)
+  if summary['test_accuracy_at_best_val'] is None:
+    summary['test_accuracy_at_best_val'] = evaluated_test_accuracy(
+        run.history, run.evaluations, run.config.data.test_split)
   return {'run': run.name, 'model': run.config.model.name, 'parameters': parameters, 'gflops_per_image': gflops,
-          'planned_epochs': run.config.num_epochs, **history_summary(run.history)}
+          'planned_epochs': planned_epochs(run.config, run.history), **summary}
 
 
 # ------------------------------------------------------------------------------- tables

@@ -9,6 +9,7 @@ import pytest
 
 from configs import hybrid, resnet50, vit
 from hybridvit_jax import configuration
+from hybridvit_jax import evaluate as evaluate_lib
 from hybridvit_jax.evaluate import evaluate
 from hybridvit_jax.training import loop
 
@@ -53,6 +54,7 @@ def test_launch_resume_and_evaluate_from_the_command_line(tmp_path):
   evaluation = json.loads(result.stdout.strip().splitlines()[-1])
   assert evaluation['examples'] == 256 and evaluation['step'] == 14
   assert evaluation['accuracy'] == pytest.approx(history[-1]['test_accuracy'], abs=1e-6)
+  assert evaluate_lib.read_evaluations(workdir) == [evaluation]  # where report finds it
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):

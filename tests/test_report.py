@@ -10,7 +10,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import hybrid, resnet50, vit
-from hybridvit_jax import configuration, models, report
+from hybridvit_jax import configuration, evaluate, models, report
 from hybridvit_jax.data import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,11 +31,19 @@ def error_lines(stderr: str) -> list[str]:
   return [line for line in stderr.splitlines() if line.startswith('error:')]
 
 
-def make_run(directory: pathlib.Path, config, history) -> pathlib.Path:
+def make_run(directory: pathlib.Path, config, history, evaluations=()) -> pathlib.Path:
   directory.mkdir(parents=True)
   configuration.save_run_config(config, directory)
   (directory / 'history.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in history))
+  for result in evaluations:
+    evaluate.record_evaluation(directory, result)
   return directory
+
+
+def evaluation(step, accuracy, *, split='test', weights='trained'):
+  """A result as `evaluate` records it."""
+  return {'workdir': 'w', 'checkpoint': 'best', 'step': step, 'split': split, 'weights': weights,
+          'accuracy': accuracy, 'loss': 1.0, 'examples': 256}
 
 
 def smoke(experiment, **overrides):
@@ -56,6 +64,13 @@ def runs(tmp_path_factory):
       make_run(root / 'hybrid_running', smoke(hybrid, num_epochs=5), [record(1, 0.3, 0.31), record(2, 0.35, 0.33)]),
       make_run(root / 'vit_no_test', smoke(vit, eval_test_every_epoch=False), [record(1, 0.6), record(2, 0.55)]),
       make_run(root / 'vit_empty', smoke(vit), []),
+      # Tested only by `evaluate` after training, and stopped by max_steps (24 steps of 7 per epoch).
+      make_run(root / 'vit_evaluated', smoke(vit, eval_test_every_epoch=False, num_epochs=5, max_steps=24),
+               [record(1, 0.6), record(2, 0.65), record(3, 0.62)],
+               [evaluation(7, 0.58), evaluation(14, 0.61), evaluation(14, 0.9, weights='ema'),
+                evaluation(14, 0.7, split='train[:100]'), evaluation(14, 0.63)]),
+      make_run(root / 'vit_evaluated_before_its_best', smoke(vit, eval_test_every_epoch=False),
+               [record(1, 0.6), record(2, 0.65)], [evaluation(7, 0.58)]),
   ]
 
 
@@ -87,6 +102,15 @@ def test_table_holds_best_val_epochs_test_accuracy_and_the_maximum_test_accuracy
   running = table['hybrid_running']
   assert (float(running['epochs']), int(running['planned_epochs'])) == (2, 5)
   assert float(running['max_test_accuracy']) == 0.33 and float(running['best_val_epoch']) == 2
+
+
+def test_test_accuracy_of_a_run_tested_after_training_is_what_evaluate_recorded_for_its_best_step(table):
+  evaluated = table['vit_evaluated']
+  assert float(evaluated['test_accuracy_at_best_val']) == 0.63  # the newest, trained weights, test split
+  assert evaluated['max_test_accuracy'] == ''  # no test number per epoch
+  assert float(evaluated['planned_epochs']) == pytest.approx(24 / 7, abs=1e-3)
+  # An evaluation of an earlier checkpoint is not the best checkpoint's accuracy.
+  assert table['vit_evaluated_before_its_best']['test_accuracy_at_best_val'] == ''
 
 
 def test_missing_values_are_empty_in_the_csv_and_a_dash_in_the_markdown(table, written):
@@ -139,7 +163,8 @@ def test_figures_exist_for_all_runs_and_each_run(written):
   out, result = written
   expected = {'curves.png': (1200, 750), 'loss.png': (1200, 750),
               **{f'{name}.png': (1800, 675) for name in ('vit_long', 'resnet_one', 'hybrid_running', 'vit_no_test',
-                                                         'vit_empty')}}
+                                                         'vit_empty', 'vit_evaluated',
+                                                         'vit_evaluated_before_its_best')}}
   assert {p.name for p in result['files']} == {'table.md', 'table.csv', *expected}
   for name, size in expected.items():
     assert (out / name).stat().st_size > 10_000, name
