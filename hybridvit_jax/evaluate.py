@@ -56,16 +56,12 @@ def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test', ema: b
 
 def record_evaluation(workdir: str | pathlib.Path, result: dict) -> None:
   """Appends one `evaluate` result to WORKDIR/evaluations.jsonl."""
-  with open(pathlib.Path(workdir) / EVALUATIONS_FILE, 'a') as f:
-    f.write(json.dumps(result) + '\n')
+  loop.append_jsonl(pathlib.Path(workdir) / EVALUATIONS_FILE, result)
 
 
 def read_evaluations(workdir: str | pathlib.Path) -> list[dict]:
   """The `evaluate` results recorded in WORKDIR, oldest first; [] when there are none."""
-  path = pathlib.Path(workdir) / EVALUATIONS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return loop.read_jsonl(pathlib.Path(workdir) / EVALUATIONS_FILE)
 
 
 def define_flags() -> None:

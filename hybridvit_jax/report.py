@@ -87,6 +87,12 @@ def eval_split(history: list[dict[str, Any]]) -> str:
   return 'test' if series(history, 'test_accuracy')[0] else 'val'
 
 
+def best_val_record(history: list[dict[str, Any]]) -> dict[str, Any]:
+  """The first record with the highest val_accuracy: the epoch the loop keeps in checkpoints/best.
+  `history` must not be empty."""
+  return max(history, key=lambda r: r['val_accuracy'])  # max() keeps the first of equals
+
+
 def history_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
   """The table's numbers that come from the history; None where the run has no such number.
 
@@ -101,7 +107,7 @@ def history_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
   summary.update(epochs=last['epoch'], wall_time_s=last.get('elapsed_s'))
   speeds = [r['images_per_s'] for r in history if r.get('images_per_s') is not None]
   summary['images_per_s'] = statistics.median(speeds) if speeds else None
-  best_val = max(history, key=lambda r: r['val_accuracy'])  # max() keeps the first of equals
+  best_val = best_val_record(history)
   summary.update(best_val_accuracy=best_val['val_accuracy'], best_val_epoch=best_val['epoch'],
                  test_accuracy_at_best_val=best_val.get('test_accuracy'))
   tested = [r for r in history if r.get('test_accuracy') is not None]
@@ -118,7 +124,7 @@ def evaluated_test_accuracy(history: list[dict[str, Any]], evaluations: list[dic
   if there is none, or if the run has moved on to a better epoch since."""
   if not history:
     return None
-  best_step = max(history, key=lambda r: r['val_accuracy'])['step']
+  best_step = best_val_record(history)['step']
   matches = [e for e in evaluations
              if e.get('split') == test_split and e.get('step') == best_step and e.get('weights') == 'trained']
   return matches[-1]['accuracy'] if matches else None

@@ -80,12 +80,23 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
 
 
 # -------------------------------------------------------------------------------- history
-def read_history(workdir: pathlib.Path) -> list[dict[str, Any]]:
-  """The run's per-epoch records, oldest first."""
-  path = pathlib.Path(workdir) / HISTORY_FILE
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The JSON objects of a file with one per line, oldest first; [] when there is no file."""
+  path = pathlib.Path(path)
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: pathlib.Path, record: dict[str, Any]) -> None:
+  """Appends `record` as one line of JSON to `path`."""
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def read_history(workdir: pathlib.Path) -> list[dict[str, Any]]:
+  """The run's per-epoch records, oldest first."""
+  return read_jsonl(pathlib.Path(workdir) / HISTORY_FILE)
 
 
 def truncate_history(workdir: pathlib.Path, last_step: int) -> None:
@@ -96,8 +107,7 @@ def truncate_history(workdir: pathlib.Path, last_step: int) -> None:
 
 
 def append_history(workdir: pathlib.Path, record: dict[str, Any]) -> None:
-  with open(pathlib.Path(workdir) / HISTORY_FILE, 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  append_jsonl(pathlib.Path(workdir) / HISTORY_FILE, record)
 
 
 # ------------------------------------------------------------------------------- signals
