@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.nan_policy = 'stop'
   config.ema_decay = 0.0  # exponential moving average of the weights, evaluated too; 0 = off
   config.eval_flip = False  # test-time augmentation: average the logits of the image and its mirror
+  config.eval_translate = 0  # test-time augmentation: n > 0 adds views shifted n pixels (weights 1/2, 1/4, 1/4)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
@@ -114,7 +115,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   """Raises ConfigError naming the first invalid key; `image_shape` enables the model checks."""
   for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
     _require_positive(config, key)
-  for key in ('max_steps', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding'):
+  for key in ('max_steps', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding', 'eval_translate'):
     _require_positive(config, key, allow_zero=True)
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % device_count:

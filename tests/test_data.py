@@ -275,3 +275,31 @@ def test_normalize_exact_values():
   normalized = data.normalize(pixel, mean=(0.5, 0.25, 0.2), std=(0.5, 0.25, 0.1))
   assert normalized.dtype == jnp.float32 and normalized.shape == (1, 1, 1, 3)
   np.testing.assert_allclose(np.asarray(normalized)[0, 0, 0], [1.0, -1.0, 0.0], atol=1e-6)
+
+
+def test_translate_shifts_content_and_fills_zeros():
+  image = np.arange(1, 17, dtype=np.uint8).reshape(1, 4, 4, 1)
+  down_right = np.asarray(data.translate(jnp.asarray(image), 1, 2))[0, ..., 0]
+  np.testing.assert_array_equal(down_right[1:, 2:], image[0, :3, :2, 0])
+  assert not down_right[0].any() and not down_right[:, :2].any()
+  up_left = np.asarray(data.translate(jnp.asarray(image), -1, -1))[0, ..., 0]
+  np.testing.assert_array_equal(up_left[:3, :3], image[0, 1:, 1:, 0])
+  assert not up_left[3].any() and not up_left[:, 3].any()
+
+
+@pytest.mark.parametrize('flip, translate_pixels, num_views',
+                         [(False, 0, 1), (True, 0, 2), (False, 1, 3), (True, 2, 6)])
+def test_test_time_views_hold_the_image_its_shifts_and_mirrors_with_weights_summing_to_one(
+    flip, translate_pixels, num_views):
+  images = jnp.asarray(distinct_images()[:2])
+  views, weights = data.test_time_views(images, flip=flip, translate_pixels=translate_pixels)
+  assert views.shape == (num_views, *images.shape) and weights.shape == (num_views,)
+  assert float(weights.sum()) == pytest.approx(1.0)
+  np.testing.assert_array_equal(views[0], images)
+  if translate_pixels:
+    n = translate_pixels
+    np.testing.assert_array_equal(views[1], data.translate(images, -n, -n))
+    np.testing.assert_array_equal(views[2], data.translate(images, n, n))
+    assert float(weights[0]) == pytest.approx(2 * float(weights[1]))
+  if flip:
+    np.testing.assert_array_equal(views[num_views // 2], images[:, :, ::-1])

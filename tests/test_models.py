@@ -231,6 +231,8 @@ def test_unknown_variant_is_rejected():
     (dict(name='resnet50', resnet_stage_sizes=(3, 0)), 'model.resnet_stage_sizes'),
     (dict(dropout_rate=1.0), 'model.dropout_rate=1.0 must be in [0, 1)'),
     (dict(stochastic_depth_rate=-0.1), 'model.stochastic_depth_rate'),
+    (dict(stem_whiten_patch_size=2), 'model.stem_whiten_patch_size=2 needs a conv stem'),
+    (dict(name='hybrid', stem_layers=2, stem_whiten_patch_size=-1), 'model.stem_whiten_patch_size=-1 must be >= 0'),
 ])
 def test_invalid_config_is_rejected_naming_the_key(overrides, message):
   with pytest.raises(ValueError) as error:
@@ -327,3 +329,63 @@ def test_max_pool_2x2_equals_flax_max_pool(height, width):
   np.testing.assert_array_equal(layers.max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
   hand_made = jnp.array([[1., 5.], [3., 2.]]).reshape(1, 2, 2, 1)
   assert float(layers.max_pool_2x2(hand_made)[0, 0, 0, 0]) == 5.
+
+
+def correlated_images(seed=0, num_images=64, size=12):
+  """float32 [N,size,size,3] whose neighbouring pixels and channels are strongly correlated."""
+  noise = np.random.default_rng(seed).normal(size=(num_images, size, size, 3)).astype(np.float32)
+  return noise + np.roll(noise, 1, axis=1) + np.roll(noise, 1, axis=2) + noise[..., :1]
+
+
+def test_patch_whitening_kernel_makes_the_patch_covariance_the_identity():
+  images = correlated_images()
+  kernel = layers.patch_whitening_kernel(jnp.asarray(images), 2, epsilon=0.0)
+  assert kernel.shape == (2, 2, 3, 24)
+  np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+  features = lax_conv(images, kernel[..., :12], 'VALID').reshape(-1, 12)
+  np.testing.assert_allclose(features.T @ features / len(features), np.eye(12), atol=1e-4)
+  # largest-variance direction first: its filter has the smallest norm
+  norms = np.linalg.norm(np.asarray(kernel[..., :12]).reshape(12, 12), axis=0)
+  assert np.all(np.diff(norms) >= 0)
+
+
+def lax_conv(images, kernel, padding):
+  return np.asarray(jax.lax.conv_general_dilated(jnp.asarray(images), kernel, (1, 1), padding,
+                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+
+
+def test_whitened_stem_kernel_is_model_state_set_by_fit_to_images():
+  cfg = make_config('hybrid_test', stem_whiten_patch_size=2)
+  model = build(cfg)
+  plain = build(make_config('hybrid_test'))
+  # the kernel is not a parameter (the optimizer never sees it); its bias and the wider first conv are
+  params, state = nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param))
+  assert 'kernel' in state['stem']['whitening'] and 'kernel' not in params['stem']['whitening']
+  assert models.count_params(model) == models.count_params(plain) + 24 + (24 - 3) * 9 * 8
+  assert models.fits_to_data(cfg) and not models.fits_to_data(make_config('hybrid_test'))
+  images = correlated_images(size=32)
+  model.fit_to_images(jnp.asarray(images))
+  np.testing.assert_allclose(model.stem.whitening.kernel[...],
+                             layers.patch_whitening_kernel(jnp.asarray(images), 2), rtol=1e-5)
+  whitened = np.asarray(model.stem.whitening(jnp.asarray(images)))
+  assert whitened.shape == (64, 32, 32, 24)
+  np.testing.assert_allclose(whitened[:, :-1, :-1], lax_conv(images, model.stem.whitening.kernel[...], 'VALID'),
+                             rtol=1e-4, atol=1e-4)
+  assert model(jnp.asarray(images[:2]), train=False).shape == (2, NUM_CLASSES)
+
+
+def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output():
+  images = jnp.asarray(correlated_images(size=32)[:4])
+  cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=2, stem_pools=(False, True))
+  model = build(cfg)
+  model.fit_to_images(images)
+  dense = layers.PatchWhitening(3, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  dense.kernel[...] = model.stem.whitening.kernel[...]
+  strided = model.stem.whitening(images)
+  assert strided.shape == (4, 16, 16, 24)
+  np.testing.assert_allclose(strided, dense(images)[:, ::2, ::2], rtol=1e-5, atol=1e-5)
+  # 32 -> 16 (whitening) -> 16 -> 8 (the second layer's pool): 4x4 tokens of patch 2
+  assert model.grid_shape == (4, 4) and model(images, train=False).shape == (4, NUM_CLASSES)
+  with pytest.raises(ValueError, match='model.stem_whiten_stride=0 must be >= 1'):
+    models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=0),
+                                 IMAGE_SHAPE)

@@ -9,7 +9,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import vit
 from hybridvit_jax import configuration, data
-from hybridvit_jax.training import inputs, loop, optimizer as optimizer_lib
+from hybridvit_jax import evaluate as evaluate_lib
+from hybridvit_jax.models import layers
+from hybridvit_jax.training import inputs, loop, steps, optimizer as optimizer_lib
 from hybridvit_jax.training.metrics import ClassificationMetrics
 
 
@@ -137,7 +139,7 @@ def test_stream_mode_trains_and_evaluates(tmp_path):
 
 
 def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
-  config = smoke_config(num_epochs=2, ema_decay=0.9, eval_flip=True, label_smoothing=0.1)
+  config = smoke_config(num_epochs=2, ema_decay=0.9, eval_flip=True, eval_translate=1, label_smoothing=0.1)
   config.data.update({'randaugment_num_ops': 2, 'mixup_alpha': 0.8, 'cutmix_alpha': 1.0,
                       'random_erasing': 0.25})
   config.optimizer.name = 'lamb'
@@ -150,3 +152,16 @@ def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
   assert ema['accuracy'] == pytest.approx(record['ema_test_accuracy'], abs=1e-6)
   assert trained['accuracy'] == pytest.approx(record['test_accuracy'], abs=1e-6)
   assert ema['loss'] != trained['loss']  # two different sets of weights
+
+
+def test_fresh_run_fits_the_whitening_kernel_to_training_images_and_training_keeps_it(tmp_path):
+  config = smoke_config(num_epochs=1)
+  config.model.update({'name': 'hybrid', 'stem_layers': 2, 'stem_channels': (8, 16), 'stem_pools': (True,),
+                       'patch_size': 2, 'stem_whiten_patch_size': 2})
+  loop.train_and_evaluate(config, tmp_path)
+  _, _, _, state, _ = evaluate_lib.restore_run(tmp_path, 'latest')
+  assert int(state.step) == 7
+  first_images = inputs.TrainInput(config, loop.make_mesh()).first_images(loop.FIT_EXAMPLES)
+  assert first_images.shape == (448, 32, 32, 3)  # the whole smoke split: fewer than FIT_EXAMPLES
+  expected = layers.patch_whitening_kernel(steps.prepare_images(first_images, config.data), 2)
+  np.testing.assert_allclose(state.model_state['stem']['whitening']['kernel'], expected, atol=1e-3)

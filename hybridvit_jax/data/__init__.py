@@ -2,6 +2,8 @@
 
 from hybridvit_jax.data.augment import augment
 from hybridvit_jax.data.augment import normalize
+from hybridvit_jax.data.augment import test_time_views
+from hybridvit_jax.data.augment import translate
 from hybridvit_jax.data.recipes import cutout
 from hybridvit_jax.data.recipes import mixup_cutmix
 from hybridvit_jax.data.recipes import rand_augment
@@ -22,4 +24,6 @@ __all__ = [
     'normalize',
     'rand_augment',
     'random_erasing',
+    'test_time_views',
+    'translate',
 ]

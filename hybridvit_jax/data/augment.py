@@ -91,3 +91,45 @@ def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
   """
   flipped = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
   return jnp.where(flipped, images[:, :, ::-1, :], images)
+
+
+def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
+  """Shifts every image down by dy and right by dx pixels (negative: up, left), filling with zeros.
+
+  Args:
+    images: [B, H, W, C].
+    dy, dx: static shifts, |dy| < H and |dx| < W.
+
+  Returns:
+    [B, H, W, C], same dtype; out[b, y, x] = images[b, y - dy, x - dx] where that is inside the
+    image, else 0 (the zero padding `random_crop` crops from, so a shifted view is one of its crops).
+  """
+  _, height, width, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)))
+  top, left = abs(dy) - dy, abs(dx) - dx
+  return padded[:, top:top + height, left:left + width]
+
+
+def test_time_views(
+    images: jax.Array, *, flip: bool, translate_pixels: int
+) -> tuple[jax.Array, jax.Array]:
+  """The views whose logits test-time augmentation averages, stacked on a new leading axis.
+
+  Args:
+    images: [B, H, W, C].
+    flip: add the mirror image of every view.
+    translate_pixels: n > 0 adds the image shifted n pixels up-left and n pixels down-right
+      (zero fill), weighted 1/4 each against 1/2 for the unshifted image; 0 = no shifts.
+
+  Returns:
+    views [V, B, H, W, C] and their weights float32 [V], which sum to 1.
+  """
+  views, weights = [images], [1.0]
+  if translate_pixels:
+    n = translate_pixels
+    views += [translate(images, -n, -n), translate(images, n, n)]
+    weights = [0.5, 0.25, 0.25]
+  if flip:
+    views += [view[:, :, ::-1] for view in views]
+    weights = [w / 2 for w in weights] * 2
+  return jnp.stack(views), jnp.asarray(weights, jnp.float32)

@@ -64,6 +64,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       stem_kernel_sizes=(3,),
       stem_strides=(1,),
       stem_pools=(True,),  # 2x2 max-pool, stride 2, after the layer
+      stem_whiten_patch_size=0,  # k > 0: a first layer that whitens k x k patches, fitted to training images
+      stem_whiten_stride=1,  # that layer's stride (= stem_whiten_patch_size: non-overlapping patches)
       resnet_stage_sizes=(3, 4, 6, 3),
       resnet_width=64,
       resnet_stem='cifar',  # 'cifar' (3x3 conv, stride 1) | 'imagenet' (7x7 conv, stride 2 + max-pool)
@@ -84,7 +86,7 @@ def effective_patch_size(cfg: ml_collections.ConfigDict, image_shape: tuple[int,
   (the image when there is no stem) into token_grid x token_grid tokens."""
   if not cfg.token_grid:
     return cfg.patch_size
-  return layers.stem_output_size(image_shape[0], _stem_specs(cfg)) // cfg.token_grid
+  return _stem_output_size(cfg, image_shape[0]) // cfg.token_grid
 
 
 def build_vision_transformer(
@@ -105,6 +107,8 @@ def build_vision_transformer(
       attention_dropout_rate=cfg.attention_dropout_rate,
       stochastic_depth_rate=cfg.stochastic_depth_rate,
       stem=_stem_specs(cfg),
+      stem_whiten_patch_size=cfg.stem_whiten_patch_size,
+      stem_whiten_stride=cfg.stem_whiten_stride,
       dtype=DTYPES[cfg.dtype],
       rngs=rngs)
 
@@ -141,6 +145,11 @@ def create_model(
   return MODELS[cfg.name](cfg, num_classes=num_classes, image_shape=image_shape, rngs=rngs)
 
 
+def fits_to_data(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the model has parts set from training images before training (`fit_to_images`)."""
+  return cfg.name != 'resnet50' and cfg.stem_layers > 0 and cfg.stem_whiten_patch_size > 0
+
+
 def count_params(model: nnx.Module) -> int:
   """Number of scalars in the model's nnx.Param variables (works on nnx.eval_shape models too)."""
   return sum(math.prod(param.shape) for param in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -160,6 +169,11 @@ def validate_model_config(cfg: ml_collections.ConfigDict, image_shape: tuple[int
 def _stem_specs(cfg: ml_collections.ConfigDict) -> tuple[layers.StemLayerSpec, ...]:
   return layers.stem_layer_specs(
       cfg.stem_layers, cfg.stem_channels, cfg.stem_kernel_sizes, cfg.stem_strides, cfg.stem_pools)
+
+
+def _stem_output_size(cfg: ml_collections.ConfigDict, size: int) -> int:
+  whiten_stride = cfg.stem_whiten_stride if cfg.stem_whiten_patch_size else 1
+  return layers.stem_output_size(size, _stem_specs(cfg), whiten_stride)
 
 
 def _validate_resnet(cfg: ml_collections.ConfigDict) -> None:
@@ -190,16 +204,23 @@ def _validate_stem(cfg: ml_collections.ConfigDict) -> None:
   if cfg.stem_layers < 0:
     raise ValueError(f'model.stem_layers={cfg.stem_layers} must be >= 0')
   if cfg.stem_layers == 0:
+    if cfg.stem_whiten_patch_size:
+      raise ValueError(f'model.stem_whiten_patch_size={cfg.stem_whiten_patch_size} needs a conv stem: '
+                       'set model.stem_layers > 0, or model.stem_whiten_patch_size=0')
     return
   for key in ('stem_channels', 'stem_kernel_sizes', 'stem_strides'):
     _check_positive_sequence(cfg, key)
   if not cfg.stem_pools:
     raise ValueError('model.stem_pools=() must have at least one entry when model.stem_layers > 0')
+  if cfg.stem_whiten_patch_size < 0:
+    raise ValueError(f'model.stem_whiten_patch_size={cfg.stem_whiten_patch_size} must be >= 0 (0 = no whitening)')
+  if cfg.stem_whiten_stride < 1:
+    raise ValueError(f'model.stem_whiten_stride={cfg.stem_whiten_stride} must be >= 1')
 
 
 def _validate_patch_size(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> None:
   specs = _stem_specs(cfg)
-  height, width = (layers.stem_output_size(size, specs) for size in image_shape[:2])
+  height, width = (_stem_output_size(cfg, size) for size in image_shape[:2])
   grid = 'stem output' if specs else 'image'
   if min(height, width) < 1:
     raise ValueError(f'model.stem_layers={cfg.stem_layers} shrinks the {image_shape[0]}x{image_shape[1]} image '

@@ -116,6 +116,76 @@ class ConvBatchNorm(nnx.Module):
     return self.norm(self.conv(x), use_running_average=not train)
 
 
+class FittedKernel(nnx.Variable):
+  """A kernel computed from data (`PatchWhitening.fit`), never trained: it is model state, like
+  the BatchNorm statistics, so neither the optimizer nor weight decay touches it."""
+
+
+def patch_whitening_kernel(images: jax.Array, patch_size: int, epsilon: float = 5e-4) -> jax.Array:
+  """The filters that whiten the patch_size x patch_size patches of `images`, and their negatives.
+
+  Args:
+    images: float [N,H,W,C], normalised as the network sees them.
+    patch_size: side k of the square patches.
+    epsilon: added to each eigenvalue, so near-constant directions are not blown up.
+
+  Returns:
+    float32 [k,k,C,2*k*k*C]: filter j < k*k*C is the j-th eigenvector of the (uncentred) patch
+    covariance, largest eigenvalue first, divided by sqrt(eigenvalue + epsilon); filter
+    k*k*C + j is its negative, so a ReLU after the layer loses nothing.
+  """
+  images = images.astype(jnp.float32)
+  channels = images.shape[-1]
+  patches = lax.conv_general_dilated_patches(
+      images, (patch_size, patch_size), (1, 1), 'VALID', dimension_numbers=_NHWC_HWIO)
+  # conv_general_dilated_patches orders each patch's features channel-major: [C, k, k].
+  patches = patches.reshape(-1, channels, patch_size, patch_size).transpose(0, 2, 3, 1).reshape(
+      -1, patch_size * patch_size * channels)
+  covariance = patches.T @ patches / patches.shape[0]
+  eigenvalues, eigenvectors = jnp.linalg.eigh(covariance)  # ascending
+  filters = eigenvectors[:, ::-1] / jnp.sqrt(eigenvalues[::-1] + epsilon)  # [k*k*C, k*k*C], column = filter
+  kernel = filters.reshape(patch_size, patch_size, channels, -1)
+  return jnp.concatenate([kernel, -kernel], axis=-1)
+
+
+class PatchWhitening(nnx.Module):
+  """The first layer of a whitened conv stem (airbench's patch whitening): a k x k convolution
+  ('SAME' padding) whose fixed filters whiten the training images' k x k patches, plus a trained bias.
+  With stride k it whitens non-overlapping patches (a whitened space-to-depth: nothing is lost,
+  and the layers after it run at 1/k of the resolution).
+
+  Its kernel is random until `fit` sets it from training images; the loop fits it once, before
+  the first step of a fresh run, and checkpoints keep it.
+  """
+
+  def __init__(self, in_channels: int, patch_size: int, *, stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """Args:
+      in_channels: channels C of the input images.
+      patch_size: side k of the whitened patches; the layer outputs 2*k*k*C channels.
+      stride: step between patches in both spatial dimensions.
+      dtype: compute dtype.
+      rngs: parameter initialisation randomness (the placeholder kernel).
+    """
+    self.patch_size = patch_size
+    self.stride = stride
+    self.out_channels = 2 * patch_size * patch_size * in_channels
+    self.kernel = FittedKernel(CONV_INIT(rngs.params(), (patch_size, patch_size, in_channels, self.out_channels)))
+    self.bias = nnx.Param(jnp.zeros((self.out_channels,)))
+    self.dtype = dtype
+
+  def fit(self, images: jax.Array) -> None:
+    """Sets the kernel to `patch_whitening_kernel` of float images [N,H,W,C] (a few thousand suffice)."""
+    self.kernel[...] = patch_whitening_kernel(images, self.patch_size)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B,H,W,C] -> [B,ceil(H/stride),ceil(W/stride),2*k*k*C]."""
+    kernel = self.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    y = backend_conv(x, kernel, (self.stride, self.stride), 'SAME',
+                     dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC_HWIO))
+    return y + self.bias[...].astype(self.dtype)
+
+
 class StemLayerSpec(NamedTuple):
   """One conv stem layer: conv(kernel_size, stride) to `channels`, then an optional 2x2 max-pool."""
   channels: int
@@ -135,8 +205,10 @@ def stem_layer_specs(
       for i in range(num_layers))
 
 
-def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...]) -> int:
-  """Side length of the stem's output for an input side of `size` ('SAME' convs, floor-dividing pools)."""
+def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...], whiten_stride: int = 1) -> int:
+  """Side length of the stem's output for an input side of `size` ('SAME' convs, floor-dividing pools),
+  behind a patch-whitening layer of stride `whiten_stride` (1 when there is none)."""
+  size = -(-size // whiten_stride)
   for spec in specs:
     size = -(-size // spec.stride)
     if spec.pool:
@@ -145,27 +217,41 @@ def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...]) -> int:
 
 
 class ConvStem(nnx.Module):
-  """Conv layers (conv -> BatchNorm -> ReLU -> optional 2x2 max-pool) in front of tokenisation.
+  """Conv layers (conv -> BatchNorm -> ReLU -> optional 2x2 max-pool) in front of tokenisation,
+  optionally behind a `PatchWhitening` layer (-> ReLU).
 
-  With no specs it is the identity, so a hybrid with zero stem layers is exactly a plain ViT.
+  With no specs (and no whitening) it is the identity, so a hybrid with zero stem layers is exactly a plain ViT.
   """
 
-  def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
+               whiten_stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       specs: one StemLayerSpec per layer, in order.
+      whiten_patch_size: k > 0 puts a PatchWhitening layer of k x k patches first; 0 = none.
+      whiten_stride: that layer's stride.
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
-    layer_in_channels = (in_channels,) + tuple(spec.channels for spec in specs[:-1])
+    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, dtype=dtype, rngs=rngs)
+                      if whiten_patch_size else None)
+    first_in_channels = self.whitening.out_channels if self.whitening else in_channels
+    layer_in_channels = (first_in_channels,) + tuple(spec.channels for spec in specs[:-1])
     self.layers = nnx.List([
         ConvBatchNorm(c_in, spec.channels, spec.kernel_size, stride=spec.stride, dtype=dtype, rngs=rngs)
         for c_in, spec in zip(layer_in_channels, specs)])
     self.pools = tuple(spec.pool for spec in specs)
-    self.out_channels = specs[-1].channels if specs else in_channels
+    self.out_channels = specs[-1].channels if specs else first_in_channels
+    self.specs = specs
+
+  def output_size(self, size: int) -> int:
+    """Side of the output for an input side of `size`."""
+    return stem_output_size(size, self.specs, self.whitening.stride if self.whitening else 1)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `stem_output_size`."""
+    """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `output_size`."""
+    if self.whitening is not None:
+      x = nnx.relu(self.whitening(x))
     for layer, pool in zip(self.layers, self.pools):
       x = nnx.relu(layer(x, train=train))
       if pool:

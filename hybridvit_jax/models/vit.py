@@ -36,6 +36,8 @@ class VisionTransformer(nnx.Module):
       attention_dropout_rate: float,
       stochastic_depth_rate: float,
       stem: tuple[layers.StemLayerSpec, ...],
+      stem_whiten_patch_size: int = 0,
+      stem_whiten_stride: int = 1,
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
@@ -54,6 +56,9 @@ class VisionTransformer(nnx.Module):
       attention_dropout_rate: dropout on attention weights.
       stochastic_depth_rate: drop-path rate of the last block (linear from 0 at the first).
       stem: conv stem layers in front of the patch embedding; empty for a plain ViT.
+      stem_whiten_patch_size: k > 0 starts the stem with a layer that whitens k x k patches (its kernel
+        is fitted to training images by `fit_to_images`); 0 = none.
+      stem_whiten_stride: that layer's stride.
       dtype: compute dtype; parameters are float32 and logits are returned as float32.
       rngs: parameter initialisation randomness.
     """
@@ -61,9 +66,9 @@ class VisionTransformer(nnx.Module):
     self.dtype = dtype
     self.hidden_size = hidden_size
     self.uses_randomness = max(dropout_rate, attention_dropout_rate, stochastic_depth_rate) > 0
-    self.stem = layers.ConvStem(channels, stem, dtype=dtype, rngs=rngs)
-    self.grid_shape = (layers.stem_output_size(height, stem) // patch_size,
-                       layers.stem_output_size(width, stem) // patch_size)
+    self.stem = layers.ConvStem(channels, stem, whiten_patch_size=stem_whiten_patch_size,
+                                whiten_stride=stem_whiten_stride, dtype=dtype, rngs=rngs)
+    self.grid_shape = (self.stem.output_size(height) // patch_size, self.stem.output_size(width) // patch_size)
     self.patch_embedding = nnx.Conv(
         self.stem.out_channels, hidden_size, (patch_size, patch_size), strides=patch_size, padding='VALID',
         dtype=dtype, rngs=rngs)
@@ -106,6 +111,12 @@ class VisionTransformer(nnx.Module):
     tokens = self.norm(tokens)
     pooled = tokens[:, 0] if self.cls_token is not None else tokens.mean(axis=1)
     return self.head(pooled).astype(jnp.float32)
+
+  def fit_to_images(self, images: jax.Array) -> None:
+    """Sets what is computed from data rather than trained (the patch-whitening kernel, if any)
+    from normalised training images float [N,H,W,C]."""
+    if self.stem.whitening is not None:
+      self.stem.whitening.fit(images)
 
   def position_embedding(self) -> jax.Array:
     """Position embedding of all tokens [1,T,D], class token first; its sin-cos form gives the class token 0."""

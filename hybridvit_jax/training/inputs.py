@@ -103,6 +103,22 @@ class TrainInput:
   def local_batch_size(self) -> int:
     return self.config.batch_size // jax.process_count()
 
+  def first_images(self, count: int) -> jax.Array:
+    """uint8 [n, H, W, C]: the first n = min(count, whole batches of) images of epoch 0, the same
+    on every process (what a fresh run fits data-fitted model parts to)."""
+    if self.config.data.input_mode != 'stream':
+      return self.images[self.epoch_order(0).reshape(-1)[:count]]
+    batches = []
+    for images, _ in self.epoch(0):
+      batches.append(images)
+      if len(batches) * self.config.batch_size >= count:
+        break
+    return jax.numpy.concatenate(batches)[:count]
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """int32 [steps_per_epoch, batch_size]: the example indices of each step of `epoch` (device mode)."""
+    return epoch_order(self.config.seed, epoch, self.num_examples, self.config.batch_size)
+
   def epoch(self, epoch: int, first_step: int = 0) -> Iterator[tuple]:
     """The per-step inputs of `epoch`, from its step `first_step` on."""
     if self.config.data.input_mode == 'stream':
@@ -115,7 +131,6 @@ class TrainInput:
         yield (jax.make_array_from_process_local_data(batch_sharding, images),
                jax.make_array_from_process_local_data(batch_sharding, labels))
     else:
-      order = to_global(epoch_order(self.config.seed, epoch, self.num_examples, self.config.batch_size),
-                        NamedSharding(self.mesh, P(None, 'data')))
+      order = to_global(self.epoch_order(epoch), NamedSharding(self.mesh, P(None, 'data')))
       for _ in range(first_step, self.steps_per_epoch):
         yield self.images, self.labels, order

@@ -17,7 +17,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hybridvit_jax import configuration, data
+from hybridvit_jax import configuration, data, models
 from hybridvit_jax.training import optimizer as optimizer_lib
 from hybridvit_jax.training import inputs, steps
 from hybridvit_jax.training.checkpoint import RunCheckpoints
@@ -25,6 +25,8 @@ from hybridvit_jax.training.metrics import ClassificationMetrics
 from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
 
 HISTORY_FILE = 'history.jsonl'
+# Training images that a fresh run fits the model's data-fitted parts to (patch whitening).
+FIT_EXAMPLES = 5000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,6 +79,16 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, config=config),
                       out_shardings=replicated, donate_argnums=(1,))
   return init_state, train_step, eval_step
+
+
+def fit_to_training_images(state: TrainState, config: ml_collections.ConfigDict, info: data.DatasetInfo,
+                           mesh: jax.sharding.Mesh, train_input: inputs.TrainInput) -> TrainState:
+  """A fresh state with the model's data-fitted parts (patch whitening) set from the first
+  FIT_EXAMPLES training images, computed on device."""
+  graphdef = model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
+  fit = jax.jit(functools.partial(steps.fit_to_data, graphdef=graphdef, data_config=config.data),
+                out_shardings=NamedSharding(mesh, P()))
+  return fit(state, train_input.first_images(FIT_EXAMPLES))
 
 
 # -------------------------------------------------------------------------------- history
@@ -192,6 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('resumed from step %d of %d', int(state.step), total_steps)
   else:
     state = init_state()
+    if models.fits_to_data(config.model):
+      state = fit_to_training_images(state, config, info, mesh, train_input)
   start_step = int(state.step)
   if is_chief:
     truncate_history(workdir, start_step)

@@ -57,6 +57,15 @@ def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_c
   return images, targets
 
 
+def fit_to_data(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
+                data_config: ml_collections.ConfigDict) -> TrainState:
+  """The fresh state with the model's data-fitted parts (`fit_to_images`: the patch-whitening
+  kernel) set from uint8 training images [N, H, W, C]; parameters are unchanged."""
+  model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
+  model.fit_to_images(prepare_images(images, data_config))
+  return state.replace(model_state=nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
+
 def training_seed_key(seed: int) -> jax.Array:
   """The key every step's randomness is folded from (distinct from the parameter-init key)."""
   return jax.random.fold_in(jax.random.key(seed), 1)
@@ -127,13 +136,15 @@ def eval_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Arr
               mask: jax.Array, *, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
               ) -> ClassificationMetrics:
   """Adds a padded batch to `metrics`: images uint8 [B, H, W, C], labels [B], mask bool [B]
-  (False on padding, which then counts in neither loss nor accuracy). With config.eval_flip
-  the logits are the mean over the image and its mirror image."""
+  (False on padding, which then counts in neither loss nor accuracy). With config.eval_flip and/or
+  config.eval_translate the logits are the weighted mean over the test-time views
+  (`data.test_time_views`), run as one batch of V*B images."""
   images = prepare_images(images, config.data)
-  logits, _ = apply_model(graphdef, state.params, state.model_state, images, train=False)
-  if config.eval_flip:
-    mirrored_logits, _ = apply_model(graphdef, state.params, state.model_state, images[:, :, ::-1], train=False)
-    logits = (logits + mirrored_logits) / 2
+  views, weights = data.test_time_views(images, flip=config.eval_flip, translate_pixels=config.eval_translate)
+  num_views, batch = views.shape[:2]
+  logits, _ = apply_model(graphdef, state.params, state.model_state, views.reshape(num_views * batch, *views.shape[2:]),
+                          train=False)
+  logits = jnp.einsum('v,vbk->bk', weights, logits.reshape(num_views, batch, -1))
   losses = softmax_cross_entropy(logits, labels)
   return metrics.merge(ClassificationMetrics.single_from_model_output(
       loss=losses, logits=logits, labels=labels, mask=mask))
