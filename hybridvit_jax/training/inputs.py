@@ -104,8 +104,8 @@ class TrainInput:
     return self.config.batch_size // jax.process_count()
 
   def first_images(self, count: int) -> jax.Array:
-    """uint8 [n, H, W, C]: the first n = min(count, whole batches of) images of epoch 0, the same
-    on every process (what a fresh run fits data-fitted model parts to)."""
+    """uint8 [n, H, W, C]: the first n images of epoch 0, in its order, n = min(count, images in its
+    whole batches); the same on every process (what a fresh run fits data-fitted model parts to)."""
     if self.config.data.input_mode != 'stream':
       return self.images[self.epoch_order(0).reshape(-1)[:count]]
     batches = []

@@ -142,8 +142,8 @@ def eval_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Arr
   images = prepare_images(images, config.data)
   views, weights = data.test_time_views(images, flip=config.eval_flip, translate_pixels=config.eval_translate)
   num_views, batch = views.shape[:2]
-  logits, _ = apply_model(graphdef, state.params, state.model_state, views.reshape(num_views * batch, *views.shape[2:]),
-                          train=False)
+  all_views = views.reshape(num_views * batch, *views.shape[2:])
+  logits, _ = apply_model(graphdef, state.params, state.model_state, all_views, train=False)
   logits = jnp.einsum('v,vbk->bk', weights, logits.reshape(num_views, batch, -1))
   losses = softmax_cross_entropy(logits, labels)
   return metrics.merge(ClassificationMetrics.single_from_model_output(
