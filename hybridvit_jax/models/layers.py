@@ -240,9 +240,8 @@ class ConvStem(nnx.Module):
     self.layers = nnx.List([
         ConvBatchNorm(c_in, spec.channels, spec.kernel_size, stride=spec.stride, dtype=dtype, rngs=rngs)
         for c_in, spec in zip(layer_in_channels, specs)])
-    self.pools = tuple(spec.pool for spec in specs)
-    self.out_channels = specs[-1].channels if specs else first_in_channels
     self.specs = specs
+    self.out_channels = specs[-1].channels if specs else first_in_channels
 
   def output_size(self, size: int) -> int:
     """Side of the output for an input side of `size`."""
@@ -252,9 +251,9 @@ class ConvStem(nnx.Module):
     """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `output_size`."""
     if self.whitening is not None:
       x = nnx.relu(self.whitening(x))
-    for layer, pool in zip(self.layers, self.pools):
+    for layer, spec in zip(self.layers, self.specs):
       x = nnx.relu(layer(x, train=train))
-      if pool:
+      if spec.pool:
         x = max_pool_2x2(x)
     return x
 
