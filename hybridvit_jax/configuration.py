@@ -13,7 +13,7 @@ from hybridvit_jax import models
 
 RUN_CONFIG_FILE = 'config.json'
 
-OPTIMIZERS = ('adam', 'adamw', 'lamb', 'sgd')
+OPTIMIZERS = ('adam', 'adamw', 'lamb', 'sgd', 'muon')
 SCHEDULES = ('cosine', 'constant')
 INPUT_MODES = ('device', 'stream')
 NAN_POLICIES = ('stop', 'skip')
@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.std = (0.2470, 0.2435, 0.2616)
   config.data.crop_padding = 4  # random crop after zero padding; 0 = off
   config.data.flip = True  # random horizontal flip
+  config.data.alternate_flip = False  # with flip: mirror each image in every other epoch, not at random
   config.data.randaugment_num_ops = 0  # RandAugment ops per image; 0 = off
   config.data.randaugment_magnitude = 9.0  # 0..10
   config.data.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing; 0 = off
@@ -79,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.momentum = 0.9  # sgd
   config.optimizer.nesterov = False  # sgd
+  # muon: Muon on the conv kernels BatchNorm follows, sgd (above) on everything else
+  config.optimizer.muon_learning_rate = 0.24  # peak; the schedule's shape is learning_rate's
+  config.optimizer.muon_momentum = 0.6  # Nesterov
   config.optimizer.grad_clip_norm = 1.0  # global norm; 0 = off
 
   config.lock()
@@ -128,6 +132,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
     _require_positive(config, key, allow_zero=True)
   _require_choice(config, 'nan_policy', NAN_POLICIES)
   _require_choice(config, 'data.input_mode', INPUT_MODES)
+  if config.data.alternate_flip and not (config.data.flip and config.data.input_mode == 'device'):
+    _fail('data.alternate_flip', True, 'it needs data.flip=True and data.input_mode=device (the step '
+          'must know each example\'s index); set it to False')
   for key in ('data.mean', 'data.std'):
     if len(_lookup(config, key)) not in (1, 3) or (key == 'data.std' and min(config.data.std) <= 0):
       _fail(key, _lookup(config, key), 'expected 1 or 3 per-channel values (std > 0)')
@@ -138,7 +145,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   for key in ('optimizer.warmup_epochs', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
               'optimizer.end_learning_rate_factor'):
     _require_positive(config, key, allow_zero=True)
-  for key in ('b1', 'b2', 'momentum'):
+  _require_positive(config, 'optimizer.muon_learning_rate')
+  for key in ('b1', 'b2', 'momentum', 'muon_momentum'):
     if not 0.0 <= opt[key] < 1.0:
       _fail(f'optimizer.{key}', opt[key], 'expected a value in [0, 1)')
   if image_shape is not None:

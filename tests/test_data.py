@@ -247,6 +247,26 @@ def test_flip_mirrors_the_width_axis_of_some_examples_only():
   assert 0 < flipped.sum() < BATCH
 
 
+def test_alternating_flips_mirror_each_example_in_every_other_epoch():
+  key, indices = jax.random.key(0), jnp.arange(400)
+  by_epoch = [np.asarray(data.alternating_flips(key, indices, jnp.int32(epoch))) for epoch in range(4)]
+  assert 0.35 < by_epoch[0].mean() < 0.65  # a random half in epoch 0
+  np.testing.assert_array_equal(by_epoch[1], ~by_epoch[0])  # the other half in epoch 1
+  np.testing.assert_array_equal(by_epoch[2], by_epoch[0])
+  np.testing.assert_array_equal(by_epoch[3], by_epoch[1])
+  # an example's flip depends on its index, not on its place in the batch
+  shuffled = np.random.default_rng(0).permutation(400)
+  np.testing.assert_array_equal(data.alternating_flips(key, jnp.asarray(shuffled), jnp.int32(3)), by_epoch[3][shuffled])
+
+
+def test_flip_where_mirrors_exactly_the_chosen_examples():
+  images = distinct_images()
+  flips = np.arange(BATCH) % 3 == 0
+  outputs = np.asarray(data.flip_where(jnp.asarray(flips), jnp.asarray(images)))
+  for output, image, flip in zip(outputs, images, flips):
+    np.testing.assert_array_equal(output, image[:, ::-1] if flip else image)
+
+
 def test_crop_and_flip_together_give_mirrored_windows():
   images = distinct_images()
   outputs = np.asarray(data.augment(jax.random.key(1), jnp.asarray(images), crop_padding=1, flip=True))

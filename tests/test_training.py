@@ -1,10 +1,13 @@
 """The training pieces: optimizer, input order, padded evaluation, and the sharded step."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import vit
@@ -36,7 +39,7 @@ def test_schedule_warms_up_then_decays_to_the_end_factor():
   assert float(schedule(60)) < float(schedule(40))
 
 
-@pytest.mark.parametrize('name', ['adam', 'adamw', 'sgd'])
+@pytest.mark.parametrize('name', ['adam', 'adamw', 'sgd', 'muon'])
 def test_every_optimizer_decreases_a_quadratic(name):
   opt = configuration.base_config().optimizer
   with opt.unlocked():
@@ -49,6 +52,58 @@ def test_every_optimizer_decreases_a_quadratic(name):
     updates, state = tx.update(jax.grad(loss)(params), state, params)
     params = optax.apply_updates(params, updates)
   assert float(loss(params)) < 0.5 * 13.0
+
+
+def _muon_config(**overrides):
+  opt = configuration.base_config().optimizer
+  with opt.unlocked():
+    opt.update({'name': 'muon', 'learning_rate': 0.1, 'muon_learning_rate': 0.2, 'warmup_epochs': 0.0,
+                'weight_decay': 0.0, 'grad_clip_norm': 0.0, 'nesterov': True, **overrides})
+  return opt
+
+
+def _conv_net_params():
+  keys = jax.random.split(jax.random.key(0), 2)
+  return {'stem': {'conv': {'kernel': jax.random.normal(keys[0], (3, 3, 4, 8))},
+                   'norm': {'scale': jnp.ones(8), 'bias': jnp.zeros(8)}},
+          'head': {'kernel': jax.random.normal(keys[1], (8, 3)), 'bias': jnp.zeros(3)}}
+
+
+def test_muon_takes_exactly_the_kernels_batch_norm_follows():
+  from hybridvit_jax import models  # pylint: disable=import-outside-toplevel
+  from configs import hybrid  # pylint: disable=import-outside-toplevel
+  config = hybrid.get_config('cpu')
+  model = nnx.eval_shape(lambda: models.create_model(config.model, 10, (32, 32, 3), nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = optimizer_lib.batch_normed_kernel_mask(params)
+  chosen = {jax.tree_util.keystr(path) for path, is_kernel in jax.tree_util.tree_leaves_with_path(mask) if is_kernel}
+  assert chosen == {f"['stem']['layers'][{i}]['conv']['kernel']" for i in range(6)}
+
+
+def test_muon_step_is_orthogonalised_and_scale_free_and_renormalises_the_kernel():
+  tx = optimizer_lib.make_optimizer(_muon_config(), steps_per_epoch=1, total_steps=10)
+  params = _conv_net_params()
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  update, _ = tx.update(grads, state, params)
+  update_of_10x, _ = tx.update(jax.tree.map(lambda g: 10 * g, grads), state, params)
+  no_step, _ = tx.update(jax.tree.map(jnp.zeros_like, grads), state, params)
+  # zero gradients: only the renormalisation, to Frobenius norm sqrt(out channels) = sqrt(8)
+  kernel = optax.apply_updates(params, no_step)['stem']['conv']['kernel']
+  assert float(jnp.linalg.norm(kernel)) == pytest.approx(np.sqrt(8), rel=1e-5)
+  np.testing.assert_allclose(kernel, params['stem']['conv']['kernel'] * np.sqrt(8) / jnp.linalg.norm(
+      params['stem']['conv']['kernel']), rtol=1e-5)
+  # the Muon step does not grow with the gradient, and its singular values are near the learning rate
+  muon_step = update['stem']['conv']['kernel'] - no_step['stem']['conv']['kernel']
+  np.testing.assert_allclose(muon_step, update_of_10x['stem']['conv']['kernel'] - no_step['stem']['conv']['kernel'],
+                             atol=1e-5)
+  singular_values = np.linalg.svd(np.asarray(muon_step).reshape(36, 8), compute_uv=False)
+  assert np.all((singular_values > 0.2 * 0.5) & (singular_values < 0.2 * 1.5)), singular_values
+  # everything else takes plain Nesterov SGD: -lr * (1 + momentum) * gradient on the first step
+  for path in (('head', 'kernel'), ('head', 'bias'), ('stem', 'norm', 'bias')):
+    leaf = lambda tree: functools.reduce(lambda node, key: node[key], path, tree)
+    np.testing.assert_allclose(leaf(update), -0.1 * 1.9 * leaf(grads), rtol=1e-5)
+    np.testing.assert_allclose(leaf(update_of_10x), 10 * leaf(update), rtol=1e-5)
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
@@ -97,6 +152,38 @@ def test_step_on_one_device_agrees_with_four_devices():
   params_four, metrics_four = _train_one_step(config, loop.make_mesh())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params_one, params_four)
   assert float(metrics_one['loss']) == pytest.approx(float(metrics_four['loss']), rel=1e-5)
+
+
+def test_alternate_flip_trains_on_the_batch_mirrored_as_alternating_flips_says():
+  """An odd-epoch step with alternate_flip equals the flip-free step on the batch mirrored by hand."""
+  mesh = loop.make_mesh()
+  alternate, plain = smoke_config(), smoke_config()
+  alternate.data.update({'crop_padding': 0, 'alternate_flip': True})
+  plain.data.update({'crop_padding': 0, 'flip': False})
+  arrays = data.load_split(alternate.data, alternate.data.train_split)
+  order = inputs.epoch_order(alternate.seed, 1, len(arrays['label']), alternate.batch_size)
+  flips = np.asarray(data.alternating_flips(steps.flip_seed_key(alternate.seed), jnp.asarray(order[0]), 1))
+  assert 0 < flips.sum() < len(flips)
+  mirrored = arrays['image'].copy()
+  mirrored[order[0][flips]] = mirrored[order[0][flips]][:, :, ::-1]
+  replicated, by_step = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, 'data'))
+  results = []
+  for config, images in ((alternate, arrays['image']), (plain, mirrored)):
+    info = data.dataset_info(config.data)
+    init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
+    state = init_state()
+    state = state.replace(step=jnp.asarray(7, state.step.dtype))  # epoch 1's first step: the other half is mirrored
+    state, _ = train_step(state, ClassificationMetrics.empty(), inputs.to_global(images, replicated),
+                          inputs.to_global(arrays['label'], replicated), inputs.to_global(order, by_step))
+    results.append(jax.device_get(state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *results)
+
+
+def test_alternate_flip_needs_the_device_input_mode():
+  config = smoke_config()
+  config.data.update({'alternate_flip': True, 'input_mode': 'stream'})
+  with pytest.raises(configuration.ConfigError, match='data.alternate_flip'):
+    configuration.validate(config, device_count=1)
 
 
 def _epoch_batches(config, epoch, first_step=0):

@@ -1,6 +1,8 @@
 """Data: tfds and synthetic sources read into numpy, JAX augmentation."""
 
+from hybridvit_jax.data.augment import alternating_flips
 from hybridvit_jax.data.augment import augment
+from hybridvit_jax.data.augment import flip_where
 from hybridvit_jax.data.augment import normalize
 from hybridvit_jax.data.augment import test_time_views
 from hybridvit_jax.data.augment import translate
@@ -16,9 +18,11 @@ from hybridvit_jax.data.source import load_split
 __all__ = [
     'DataError',
     'DatasetInfo',
+    'alternating_flips',
     'augment',
     'cutout',
     'dataset_info',
+    'flip_where',
     'load_split',
     'mixup_cutmix',
     'normalize',

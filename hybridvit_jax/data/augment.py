@@ -89,8 +89,31 @@ def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
   Returns:
     [B, H, W, C], same dtype.
   """
-  flipped = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
-  return jnp.where(flipped, images[:, :, ::-1, :], images)
+  return flip_where(jax.random.bernoulli(key, 0.5, (images.shape[0],)), images)
+
+
+def flip_where(flips: jax.Array, images: jax.Array) -> jax.Array:
+  """Mirrors the width axis of the examples where flips bool [B] is True: [B, H, W, C] -> same."""
+  return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def alternating_flips(key: jax.Array, example_indices: jax.Array, epoch: jax.Array) -> jax.Array:
+  """Which examples to mirror in `epoch` so that each is mirrored in every other epoch.
+
+  In epoch 0 each example is mirrored with probability 1/2, drawn from `key` and its index
+  alone; in every odd epoch the others are, in every even epoch the same ones again
+  (airbench's alternating flip: over any two epochs each example is seen both ways).
+
+  Args:
+    key: PRNG key shared by all steps of the run.
+    example_indices: int [B], the examples' rows in the training split.
+    epoch: int scalar, the epoch the batch belongs to.
+
+  Returns:
+    bool [B].
+  """
+  first_epoch = jax.vmap(lambda index: jax.random.bernoulli(jax.random.fold_in(key, index)))(example_indices)
+  return first_epoch ^ (epoch % 2 == 1)
 
 
 def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:

@@ -1,7 +1,15 @@
 """The optax optimizer a config asks for: schedule, clipping, weight decay off norms and biases."""
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+from optax import contrib
+
+# Newton-Schulz iterations that orthogonalise a Muon update: airbench's 3 (its network trains as
+# well as with 5, for 40% less of the iteration's cost).
+MUON_NEWTON_SCHULZ_STEPS = 3
+# Conv kernels are [kh, kw, in, out]: Muon orthogonalises them as [kh*kw*in, out] matrices.
+CONV_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=(3,))
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
@@ -28,10 +36,50 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+def batch_normed_kernel_mask(params):
+  """True for the conv kernels that BatchNorm follows (`layers.ConvBatchNorm`'s: the leaves at
+  .../conv/kernel, 4-D), whose scale the network's output does not depend on."""
+  def is_batch_normed_kernel(path, leaf):
+    keys = [getattr(entry, 'key', None) for entry in path]
+    return keys[-2:] == ['conv', 'kernel'] and leaf.ndim == 4
+  return jax.tree_util.tree_map_with_path(is_batch_normed_kernel, params)
+
+
+def renormalize_kernels() -> optax.GradientTransformation:
+  """Adds to each update what first rescales its kernel [kh, kw, in, out] to Frobenius norm
+  sqrt(out): with it, parameter + update = rescaled parameter + the incoming update (airbench's
+  Muon). For kernels BatchNorm follows this changes nothing the network computes, and keeps the
+  step size relative to the kernel fixed."""
+  def update_fn(updates, state, params):
+    def add_rescaling(update, kernel):
+      return update + kernel * (jnp.sqrt(kernel.shape[-1]) / jnp.linalg.norm(kernel) - 1.0)
+    return jax.tree.map(add_rescaling, updates, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def muon_for_batch_normed_kernels(opt_config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                                  rest: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Muon (orthogonalised Nesterov momentum, `muon_momentum`, peak `muon_learning_rate` on the
+  shape of `schedule`) on the kernels of `batch_normed_kernel_mask`, each renormalised every step;
+  `rest` on every other parameter."""
+  muon_peak_ratio = opt_config.muon_learning_rate / opt_config.learning_rate
+  muon = optax.chain(
+      contrib.scale_by_muon(ns_steps=MUON_NEWTON_SCHULZ_STEPS, beta=opt_config.muon_momentum, nesterov=True,
+                            weight_dimension_numbers=lambda kernels: jax.tree.map(
+                                lambda _: CONV_KERNEL_DIMENSIONS, kernels)),
+      optax.scale_by_learning_rate(lambda step: schedule(step) * muon_peak_ratio),
+      renormalize_kernels())
+
+  def labels(params):
+    return jax.tree.map(lambda is_kernel: 'muon' if is_kernel else 'rest', batch_normed_kernel_mask(params))
+  return optax.partition({'muon': muon, 'rest': rest}, labels)
+
+
 def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
                    total_steps: int) -> optax.GradientTransformation:
-  """The full update rule: optional global-norm clipping, then adam / adamw / lamb / sgd; an update
-  whose gradients are not finite is skipped (and counted) by optax.apply_if_finite."""
+  """The full update rule: optional global-norm clipping, then adam / adamw / lamb / sgd / muon (sgd
+  with Muon on the kernels BatchNorm follows); an update whose gradients are not finite is skipped
+  (and counted) by optax.apply_if_finite."""
   schedule = learning_rate_schedule(opt_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   if opt_config.name in ('adamw', 'lamb'):
     update = (optax.adamw if opt_config.name == 'adamw' else optax.lamb)(
@@ -43,6 +91,8 @@ def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: in
     else:
       rule = optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov)
     update = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask), rule)
+    if opt_config.name == 'muon':
+      update = muon_for_batch_normed_kernels(opt_config, schedule, update)
   if opt_config.grad_clip_norm:
     update = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), update)
   return optax.apply_if_finite(update, max_consecutive_errors=2**30)

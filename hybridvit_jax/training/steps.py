@@ -36,15 +36,19 @@ def prepare_images(images: jax.Array, data_config: ml_collections.ConfigDict) ->
 
 
 def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
-                  config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+                  config: ml_collections.ConfigDict, flips: jax.Array | None = None,
+                  ) -> tuple[jax.Array, jax.Array]:
   """The training view of a batch: uint8 images [B, H, W, C] and int labels [B] -> normalised
-  float32 images and soft targets [B, K]. Each transform is on when its config value is."""
+  float32 images and soft targets [B, K]. Each transform is on when its config value is;
+  flips bool [B], when given, chooses the mirrored examples instead of a random draw."""
   d = config.data
   randaugment_key, crop_key, erase_key, mix_key = jax.random.split(key, 4)
   if d.randaugment_num_ops:
     images = data.rand_augment(randaugment_key, images, num_ops=d.randaugment_num_ops,
                                magnitude=d.randaugment_magnitude)
-  images = data.augment(crop_key, images, crop_padding=d.crop_padding, flip=d.flip)
+  images = data.augment(crop_key, images, crop_padding=d.crop_padding, flip=d.flip and flips is None)
+  if flips is not None:
+    images = data.flip_where(flips, images)
   images = prepare_images(images, d)
   if d.random_erasing:
     images = data.random_erasing(erase_key, images, probability=d.random_erasing)
@@ -71,6 +75,11 @@ def training_seed_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), 1)
 
 
+def flip_seed_key(seed: int) -> jax.Array:
+  """The key of `data.alternating_flips` (a sibling of `training_seed_key`)."""
+  return jax.random.fold_in(jax.random.key(seed), 2)
+
+
 def step_keys(seed_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(augment_key, dropout_key) of `step`: a function of (seed, step) only."""
   augment_key, dropout_key = jax.random.split(jax.random.fold_in(seed_key, step))
@@ -85,16 +94,19 @@ def batch_of_step(train_images: jax.Array, train_labels: jax.Array, epoch_order:
   return train_images[indices], train_labels[indices]
 
 
-def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array, *,
-               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, seed_key: jax.Array,
-               num_classes: int, config: ml_collections.ConfigDict) -> tuple[TrainState, ClassificationMetrics]:
-  """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B].
+def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
+               flips: jax.Array | None = None, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+               seed_key: jax.Array, num_classes: int, config: ml_collections.ConfigDict,
+               ) -> tuple[TrainState, ClassificationMetrics]:
+  """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B]; flips bool [B]
+  (optional) are the examples to mirror, in place of the random flip.
 
   The augmentation and dropout keys are `fold_in(seed_key, step)`, so a resumed run repeats
   exactly what an uninterrupted one would have done.
   """
   augment_key, dropout_key = step_keys(seed_key, state.step)
-  inputs, targets = augment_batch(augment_key, images, labels, num_classes=num_classes, config=config)
+  inputs, targets = augment_batch(augment_key, images, labels, num_classes=num_classes, config=config,
+                                  flips=flips)
 
   def loss_fn(params):
     logits, model_state = apply_model(graphdef, params, state.model_state, inputs, train=True,
@@ -123,13 +135,19 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Ar
 def train_step_on_device_data(state: TrainState, metrics: ClassificationMetrics, train_images: jax.Array,
                               train_labels: jax.Array, epoch_order: jax.Array, **step_kwargs,
                               ) -> tuple[TrainState, ClassificationMetrics]:
-  """`train_step` on the batch the epoch order assigns to `state.step` (the `device` input mode).
+  """`train_step` on the batch the epoch order assigns to `state.step` (the `device` input mode),
+  mirrored as `data.alternating_flips` says when config.data.alternate_flip is on.
 
   train_images: uint8 [N, H, W, C] and train_labels: int32 [N], the whole split on device.
   epoch_order: int32 [steps_per_epoch, B], row r = the example indices of the epoch's r-th step.
   """
   images, labels = batch_of_step(train_images, train_labels, epoch_order, state.step)
-  return train_step(state, metrics, images, labels, **step_kwargs)
+  flips = None
+  if step_kwargs['config'].data.alternate_flip:
+    steps_per_epoch = epoch_order.shape[0]
+    flips = data.alternating_flips(flip_seed_key(step_kwargs['config'].seed),
+                                   epoch_order[state.step % steps_per_epoch], state.step // steps_per_epoch)
+  return train_step(state, metrics, images, labels, flips, **step_kwargs)
 
 
 def eval_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
