@@ -37,8 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
   config.keep_checkpoints = 2
-  config.early_stopping_patience = 0  # epochs without a better val_accuracy; 0 = off
+  config.early_stopping_patience = 0  # evaluations without a better val_accuracy; 0 = off
   config.eval_test_every_epoch = True
+  config.eval_every_epochs = 1  # evaluate (and record in history.jsonl) every n-th epoch and at the end
   config.nan_policy = 'stop'
   config.ema_decay = 0.0  # exponential moving average of the weights, evaluated too; 0 = off
   config.eval_flip = False  # test-time augmentation: average the logits of the image and its mirror
@@ -117,7 +118,8 @@ def _lookup(config, dotted_key: str):
 def validate(config: ml_collections.ConfigDict, *, device_count: int,
              image_shape: tuple[int, int, int] | None = None) -> None:
   """Raises ConfigError naming the first invalid key; `image_shape` enables the model checks."""
-  for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints'):
+  for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
+              'eval_every_epochs'):
     _require_positive(config, key)
   for key in ('max_steps', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding', 'eval_translate'):
     _require_positive(config, key, allow_zero=True)

@@ -101,3 +101,12 @@ def test_early_stopping_stops_and_a_rerun_trains_nothing(tmp_path):
   assert accuracies[-1] <= max(accuracies[:-1]) and all(b > a for a, b in zip(accuracies[:-2], accuracies[1:-1]))
   assert loop.train_and_evaluate(config, tmp_path) == {}
   assert len(loop.read_history(tmp_path)) == len(accuracies)
+
+
+def test_eval_every_epochs_records_every_nth_epoch_and_the_last_but_checkpoints_every_epoch(tmp_path):
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 3, 'eval_every_epochs': 2, 'eval_test_every_epoch': False, 'keep_checkpoints': 3})
+  record = loop.train_and_evaluate(config, tmp_path)
+  history = loop.read_history(tmp_path)
+  assert [(r['epoch'], r['step']) for r in history] == [(2, 14), (3, 21)] and history[-1] == record
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints' / 'latest').iterdir() if p.name.isdigit()) == [7, 14, 21]

@@ -249,8 +249,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop:
         break
 
-      # -- end of epoch (or of max_steps): evaluate, record, checkpoint.
+      # -- end of epoch (or of max_steps): checkpoint; every eval_every_epochs-th epoch and at the
+      # end also evaluate and record.
       check_finite(state, config, checkpoints)
+      if (epoch + 1) % config.eval_every_epochs and step < total_steps:
+        checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
+        logging.info('epoch %d done at step %d (next evaluation after epoch %d)', epoch + 1, step,
+                     (epoch + 1) // config.eval_every_epochs * config.eval_every_epochs + config.eval_every_epochs)
+        continue
       train_result = {k: float(v) for k, v in metrics.compute().items()}
       train_seconds = time.time() - epoch_start
       evaluated = {'': state, 'ema_': state.replace(params=state.ema_params)} if config.ema_decay else {'': state}
