@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   # muon: Muon on the conv kernels BatchNorm follows, sgd (above) on everything else
   config.optimizer.muon_learning_rate = 0.24  # peak; the schedule's shape is learning_rate's
   config.optimizer.muon_momentum = 0.6  # Nesterov
+  config.optimizer.muon_all_matrices = False  # Muon on the other matrices too (not the head's)
   config.optimizer.grad_clip_norm = 1.0  # global norm; 0 = off
 
   config.lock()

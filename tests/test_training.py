@@ -69,15 +69,22 @@ def _conv_net_params():
           'head': {'kernel': jax.random.normal(keys[1], (8, 3)), 'bias': jnp.zeros(3)}}
 
 
-def test_muon_takes_exactly_the_kernels_batch_norm_follows():
+def test_muon_takes_the_kernels_batch_norm_follows_and_optionally_the_other_matrices_but_the_head():
   from hybridvit_jax import models  # pylint: disable=import-outside-toplevel
   from configs import hybrid  # pylint: disable=import-outside-toplevel
   config = hybrid.get_config('cpu')
   model = nnx.eval_shape(lambda: models.create_model(config.model, 10, (32, 32, 3), nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  mask = optimizer_lib.batch_normed_kernel_mask(params)
-  chosen = {jax.tree_util.keystr(path) for path, is_kernel in jax.tree_util.tree_leaves_with_path(mask) if is_kernel}
-  assert chosen == {f"['stem']['layers'][{i}]['conv']['kernel']" for i in range(6)}
+  def group(label, all_matrices):
+    labels = optimizer_lib.muon_labels(params, all_matrices=all_matrices)
+    return {jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(labels) if leaf == label}
+  stem_convs = {f"['stem']['layers'][{i}]['conv']['kernel']" for i in range(6)}
+  assert group('renormalized', False) == group('renormalized', True) == stem_convs
+  assert group('plain', False) == set()
+  block = "['blocks'][0]"
+  assert group('plain', True) == {"['patch_embedding']['kernel']", f"{block}['attention']['qkv']['kernel']",
+                                  f"{block}['attention']['proj']['kernel']", f"{block}['mlp']['fc1']['kernel']",
+                                  f"{block}['mlp']['fc2']['kernel']"}
 
 
 def test_muon_step_is_orthogonalised_and_scale_free_and_renormalises_the_kernel():
@@ -104,6 +111,21 @@ def test_muon_step_is_orthogonalised_and_scale_free_and_renormalises_the_kernel(
     leaf = lambda tree: functools.reduce(lambda node, key: node[key], path, tree)
     np.testing.assert_allclose(leaf(update), -0.1 * 1.9 * leaf(grads), rtol=1e-5)
     np.testing.assert_allclose(leaf(update_of_10x), 10 * leaf(update), rtol=1e-5)
+
+
+def test_muon_on_all_matrices_orthogonalises_a_linear_kernel_without_rescaling_it():
+  tx = optimizer_lib.make_optimizer(_muon_config(muon_all_matrices=True), steps_per_epoch=1, total_steps=10)
+  params = {**_conv_net_params(), 'fc': {'kernel': jax.random.normal(jax.random.key(2), (8, 6))}}
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), params)
+  update, _ = tx.update(grads, state, params)
+  update_of_10x, _ = tx.update(jax.tree.map(lambda g: 10 * g, grads), state, params)
+  no_step, _ = tx.update(jax.tree.map(jnp.zeros_like, grads), state, params)
+  np.testing.assert_array_equal(no_step['fc']['kernel'], 0.0)  # no rescaling
+  np.testing.assert_allclose(update['fc']['kernel'], update_of_10x['fc']['kernel'], atol=1e-5)
+  singular_values = np.linalg.svd(np.asarray(update['fc']['kernel']), compute_uv=False)
+  assert np.all((singular_values > 0.2 * 0.5) & (singular_values < 0.2 * 1.5)), singular_values
+  np.testing.assert_allclose(update['head']['kernel'], -0.1 * 1.9 * grads['head']['kernel'], rtol=1e-5)
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():

@@ -1,4 +1,6 @@
 """The optax optimizer a config asks for: schedule, clipping, weight decay off norms and biases."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +12,7 @@ from optax import contrib
 MUON_NEWTON_SCHULZ_STEPS = 3
 # Conv kernels are [kh, kw, in, out]: Muon orthogonalises them as [kh*kw*in, out] matrices.
 CONV_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=(3,))
+LINEAR_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
@@ -57,22 +60,43 @@ def renormalize_kernels() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def muon_for_batch_normed_kernels(opt_config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                                  rest: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Muon (orthogonalised Nesterov momentum, `muon_momentum`, peak `muon_learning_rate` on the
-  shape of `schedule`) on the kernels of `batch_normed_kernel_mask`, each renormalised every step;
-  `rest` on every other parameter."""
-  muon_peak_ratio = opt_config.muon_learning_rate / opt_config.learning_rate
-  muon = optax.chain(
-      contrib.scale_by_muon(ns_steps=MUON_NEWTON_SCHULZ_STEPS, beta=opt_config.muon_momentum, nesterov=True,
-                            weight_dimension_numbers=lambda kernels: jax.tree.map(
-                                lambda _: CONV_KERNEL_DIMENSIONS, kernels)),
-      optax.scale_by_learning_rate(lambda step: schedule(step) * muon_peak_ratio),
-      renormalize_kernels())
+def muon_labels(params, *, all_matrices: bool):
+  """The Muon group of each parameter: 'renormalized' for the kernels of `batch_normed_kernel_mask`;
+  with all_matrices, 'plain' for every other kernel (Linear [in, out], conv [kh, kw, in, out])
+  except the classifier head's; 'rest' for everything else."""
+  batch_normed = batch_normed_kernel_mask(params)
 
-  def labels(params):
-    return jax.tree.map(lambda is_kernel: 'muon' if is_kernel else 'rest', batch_normed_kernel_mask(params))
-  return optax.partition({'muon': muon, 'rest': rest}, labels)
+  def label(path, leaf, is_batch_normed):
+    keys = [getattr(entry, 'key', None) for entry in path]
+    if is_batch_normed:
+      return 'renormalized'
+    if all_matrices and keys[-1] == 'kernel' and keys[0] != 'head' and leaf.ndim in (2, 4):
+      return 'plain'
+    return 'rest'
+  return jax.tree_util.tree_map_with_path(label, params, batch_normed)
+
+
+def _muon_dimensions(kernels):
+  """Muon's view of each kernel as a matrix: [in, out] as it is, [kh, kw, in, out] as [kh*kw*in, out]."""
+  return jax.tree.map(lambda kernel: CONV_KERNEL_DIMENSIONS if kernel.ndim == 4 else LINEAR_KERNEL_DIMENSIONS,
+                      kernels)
+
+
+def muon_for_matrices(opt_config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                      rest: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Muon (orthogonalised Nesterov momentum, `muon_momentum`, peak `muon_learning_rate` on the
+  shape of `schedule`) on the kernels BatchNorm follows, each renormalised every step, and with
+  `muon_all_matrices` on the network's other matrices too (not renormalised); `rest` on every
+  other parameter."""
+  muon_peak_ratio = opt_config.muon_learning_rate / opt_config.learning_rate
+
+  def muon(*then):
+    return optax.chain(
+        contrib.scale_by_muon(ns_steps=MUON_NEWTON_SCHULZ_STEPS, beta=opt_config.muon_momentum, nesterov=True,
+                              weight_dimension_numbers=_muon_dimensions),
+        optax.scale_by_learning_rate(lambda step: schedule(step) * muon_peak_ratio), *then)
+  return optax.partition({'renormalized': muon(renormalize_kernels()), 'plain': muon(), 'rest': rest},
+                         functools.partial(muon_labels, all_matrices=opt_config.muon_all_matrices))
 
 
 def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
@@ -92,7 +116,7 @@ def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: in
       rule = optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov)
     update = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask), rule)
     if opt_config.name == 'muon':
-      update = muon_for_batch_normed_kernels(opt_config, schedule, update)
+      update = muon_for_matrices(opt_config, schedule, update)
   if opt_config.grad_clip_norm:
     update = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), update)
   return optax.apply_if_finite(update, max_consecutive_errors=2**30)
