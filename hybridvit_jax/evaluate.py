@@ -27,13 +27,14 @@ def resolve_split(config, split: str) -> str:
 
 
 def restore_run(workdir: pathlib.Path, checkpoint: str = 'best'):
-  """(config, info, mesh, state, eval_step) of a run's `checkpoint` ('best' or 'latest')."""
+  """(config, info, mesh, state, eval_step) of a run's `checkpoint` ('best' or 'latest'); the
+  state holds no optimizer state (None), which neither evaluation nor prediction uses."""
   config = configuration.load_run_config(workdir)
   info = data.dataset_info(config.data)
   mesh = loop.make_mesh()
   init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=1, total_steps=1)
   checkpoints = RunCheckpoints(workdir, read_only=True)
-  restored = checkpoints.restore(jax.eval_shape(init_state), checkpoint)
+  restored = checkpoints.restore(jax.eval_shape(init_state), checkpoint, weights_only=True)
   checkpoints.close()
   if restored is None:
     raise configuration.ConfigError(f'{workdir} holds no {checkpoint} checkpoint: train it first with launch.py')

@@ -110,3 +110,15 @@ def test_eval_every_epochs_records_every_nth_epoch_and_the_last_but_checkpoints_
   history = loop.read_history(tmp_path)
   assert [(r['epoch'], r['step']) for r in history] == [(2, 14), (3, 21)] and history[-1] == record
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints' / 'latest').iterdir() if p.name.isdigit()) == [7, 14, 21]
+
+
+def test_evaluate_needs_no_optimizer_state_so_it_survives_a_changed_optimizer(tmp_path):
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 1, 'eval_test_every_epoch': False})
+  loop.train_and_evaluate(config, tmp_path)
+  before = evaluate(str(tmp_path), 'latest')
+  saved = json.loads((tmp_path / configuration.RUN_CONFIG_FILE).read_text())
+  saved['optimizer']['name'] = 'sgd' if saved['optimizer']['name'] != 'sgd' else 'adam'  # another optimizer state
+  (tmp_path / configuration.RUN_CONFIG_FILE).write_text(json.dumps(saved))
+  after = evaluate(str(tmp_path), 'latest')
+  assert (after['step'], after['loss'], after['accuracy']) == (before['step'], before['loss'], before['accuracy'])

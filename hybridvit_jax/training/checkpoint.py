@@ -51,19 +51,23 @@ class RunCheckpoints:
       if step not in manager.all_steps():  # e.g. a stop signal right after an epoch's save
         manager.save(step, args=args, force=True)
 
-  def restore(self, target: TrainState, which: str = 'latest') -> tuple[TrainState, dict[str, Any]] | None:
+  def restore(self, target: TrainState, which: str = 'latest', *, weights_only: bool = False,
+              ) -> tuple[TrainState, dict[str, Any]] | None:
     """The newest restorable checkpoint of `which` as (state, meta), or None if there is none.
 
     `target` gives shapes, dtypes and shardings (jax.eval_shape of the jitted initialiser). A
     checkpoint that fails to restore (truncated, half written) is reported in one line and the
-    previous one is tried; if none can be restored, UnrestorableCheckpointError.
+    previous one is tried; if none can be restored, UnrestorableCheckpointError. weights_only
+    restores everything but the optimizer state (then None), which evaluation does not need: a
+    checkpoint stays usable for it when only the optimizer's internals differ.
     """
     manager = self._manager_named(which)
     unrestorable = []
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            state=_weights_restore(target) if weights_only else ocp.args.StandardRestore(target),
+            meta=ocp.args.JsonRestore()))
       except Exception as error:  # pylint: disable=broad-except  # any damage means: try an older one
         logging.warning('checkpoint %s/%d cannot be restored (%s: %s); trying the previous one',
                         which, step, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else '')
@@ -72,7 +76,8 @@ class RunCheckpoints:
       if not self.read_only:
         for bad_step in unrestorable:  # the run will save these steps again
           manager.delete(bad_step)
-      return restored.state, dict(restored.meta)
+      state = target.replace(**restored.state, opt_state=None) if weights_only else restored.state
+      return state, dict(restored.meta)
     if unrestorable:
       raise UnrestorableCheckpointError(
           f'none of the {which} checkpoints in {manager.directory} (steps {sorted(unrestorable)}) can be '
@@ -88,3 +93,11 @@ class RunCheckpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _weights_restore(target: TrainState) -> ocp.args.PyTreeRestore:
+  """Restore arguments for every field of `target` but its optimizer state."""
+  fields = {name: getattr(target, name) for name in ('step', 'params', 'model_state', 'first_nonfinite_step',
+                                                     'ema_params')}
+  return ocp.args.PyTreeRestore(item=fields, restore_args=ocp.checkpoint_utils.construct_restore_args(fields),
+                                partial_restore=True)
