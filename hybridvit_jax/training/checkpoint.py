@@ -6,6 +6,7 @@ Layout under WORKDIR/checkpoints:
 Each holds `state` (the TrainState arrays) and `meta` (JSON: epoch, best_val_accuracy,
 elapsed_s, ... whatever the loop needs to continue exactly).
 """
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -97,7 +98,7 @@ class RunCheckpoints:
 
 def _weights_restore(target: TrainState) -> ocp.args.PyTreeRestore:
   """Restore arguments for every field of `target` but its optimizer state."""
-  fields = {name: getattr(target, name) for name in ('step', 'params', 'model_state', 'first_nonfinite_step',
-                                                     'ema_params')}
+  fields = {field.name: getattr(target, field.name) for field in dataclasses.fields(target)
+            if field.name != 'opt_state'}
   return ocp.args.PyTreeRestore(item=fields, restore_args=ocp.checkpoint_utils.construct_restore_args(fields),
                                 partial_restore=True)

@@ -31,11 +31,16 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_e
   return optax.join_schedules([warmup, after_warmup], boundaries=[warmup_steps])
 
 
+def _path_keys(path) -> list:
+  """The dict keys along a tree path (None for sequence indices)."""
+  return [getattr(entry, 'key', None) for entry in path]
+
+
 def weight_decay_mask(params):
   """True for the leaves weight decay applies to: kernels (matrices, conv filters), not norms,
   biases, class tokens or position embeddings. `params` is a nested dict of arrays."""
   def is_kernel(path, _):
-    return getattr(path[-1], 'key', None) == 'kernel'
+    return _path_keys(path)[-1] == 'kernel'
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
@@ -43,8 +48,7 @@ def batch_normed_kernel_mask(params):
   """True for the conv kernels that BatchNorm follows (`layers.ConvBatchNorm`'s: the leaves at
   .../conv/kernel, 4-D), whose scale the network's output does not depend on."""
   def is_batch_normed_kernel(path, leaf):
-    keys = [getattr(entry, 'key', None) for entry in path]
-    return keys[-2:] == ['conv', 'kernel'] and leaf.ndim == 4
+    return _path_keys(path)[-2:] == ['conv', 'kernel'] and leaf.ndim == 4
   return jax.tree_util.tree_map_with_path(is_batch_normed_kernel, params)
 
 
@@ -67,7 +71,7 @@ def muon_labels(params, *, all_matrices: bool):
   batch_normed = batch_normed_kernel_mask(params)
 
   def label(path, leaf, is_batch_normed):
-    keys = [getattr(entry, 'key', None) for entry in path]
+    keys = _path_keys(path)
     if is_batch_normed:
       return 'renormalized'
     if all_matrices and keys[-1] == 'kernel' and keys[0] != 'head' and leaf.ndim in (2, 4):
