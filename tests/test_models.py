@@ -374,6 +374,28 @@ def test_whitened_stem_kernel_is_model_state_set_by_fit_to_images():
   assert model(jnp.asarray(images[:2]), train=False).shape == (2, NUM_CLASSES)
 
 
+def test_whitening_without_bias_is_the_pure_whitening_and_backprop_stops_at_the_first_conv():
+  images = jnp.asarray(correlated_images(size=32)[:4])
+  with_bias, without = (build(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_bias=bias))
+                        for bias in (True, False))
+  for model in (with_bias, without):
+    model.fit_to_images(images)
+  assert models.count_params(without) == models.count_params(with_bias) - 24
+  assert 'whitening' not in nnx.state(without, nnx.Param)['stem']
+  np.testing.assert_allclose(without.stem.whitening(images),
+                             lax_conv(images, without.stem.whitening.kernel[...], 'SAME'), rtol=1e-4, atol=1e-4)
+
+  def parameter_gradient_products(model):
+    """Matrix products and convolutions in the jaxpr of the loss's gradient with respect to the parameters."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: nnx.merge(graphdef, p, rest)(images, train=False).sum()
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    return jaxpr.count('dot_general') + jaxpr.count('conv_general_dilated')
+
+  # the first conv's input gradient is computed only to train the whitening bias
+  assert parameter_gradient_products(with_bias) - parameter_gradient_products(without) == 1
+
+
 def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output():
   images = jnp.asarray(correlated_images(size=32)[:4])
   cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=2, stem_pools=(False, True))

@@ -66,6 +66,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       stem_pools=(True,),  # 2x2 max-pool, stride 2, after the layer
       stem_whiten_patch_size=0,  # k > 0: a first layer that whitens k x k patches, fitted to training images
       stem_whiten_stride=1,  # that layer's stride (= stem_whiten_patch_size: non-overlapping patches)
+      stem_whiten_bias=True,  # False: no trained bias, so no gradient flows below the first conv (faster)
       resnet_stage_sizes=(3, 4, 6, 3),
       resnet_width=64,
       resnet_stem='cifar',  # 'cifar' (3x3 conv, stride 1) | 'imagenet' (7x7 conv, stride 2 + max-pool)
@@ -109,6 +110,7 @@ def build_vision_transformer(
       stem=_stem_specs(cfg),
       stem_whiten_patch_size=cfg.stem_whiten_patch_size,
       stem_whiten_stride=cfg.stem_whiten_stride,
+      stem_whiten_bias=cfg.stem_whiten_bias,
       dtype=DTYPES[cfg.dtype],
       rngs=rngs)
 

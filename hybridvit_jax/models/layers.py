@@ -150,7 +150,8 @@ def patch_whitening_kernel(images: jax.Array, patch_size: int, epsilon: float = 
 
 class PatchWhitening(nnx.Module):
   """The first layer of a whitened conv stem (airbench's patch whitening): a k x k convolution
-  ('SAME' padding) whose fixed filters whiten the training images' k x k patches, plus a trained bias.
+  ('SAME' padding) whose fixed filters whiten the training images' k x k patches, plus a trained bias
+  (optional: without it nothing below the next layer is trained, so the backward pass stops there).
   With stride k it whitens non-overlapping patches (a whitened space-to-depth: nothing is lost,
   and the layers after it run at 1/k of the resolution).
 
@@ -158,11 +159,13 @@ class PatchWhitening(nnx.Module):
   the first step of a fresh run, and checkpoints keep it.
   """
 
-  def __init__(self, in_channels: int, patch_size: int, *, stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, patch_size: int, *, stride: int = 1, use_bias: bool = True,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       patch_size: side k of the whitened patches; the layer outputs 2*k*k*C channels.
       stride: step between patches in both spatial dimensions.
+      use_bias: add a trained bias (initially 0) to the whitened features.
       dtype: compute dtype.
       rngs: parameter initialisation randomness (the placeholder kernel).
     """
@@ -170,7 +173,7 @@ class PatchWhitening(nnx.Module):
     self.stride = stride
     self.out_channels = 2 * patch_size * patch_size * in_channels
     self.kernel = FittedKernel(CONV_INIT(rngs.params(), (patch_size, patch_size, in_channels, self.out_channels)))
-    self.bias = nnx.Param(jnp.zeros((self.out_channels,)))
+    self.bias = nnx.Param(jnp.zeros((self.out_channels,))) if use_bias else None
     self.dtype = dtype
 
   def fit(self, images: jax.Array) -> None:
@@ -183,7 +186,7 @@ class PatchWhitening(nnx.Module):
     x = x.astype(self.dtype)
     y = backend_conv(x, kernel, (self.stride, self.stride), 'SAME',
                      dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC_HWIO))
-    return y + self.bias[...].astype(self.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class StemLayerSpec(NamedTuple):
@@ -224,16 +227,18 @@ class ConvStem(nnx.Module):
   """
 
   def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
-               whiten_stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs):
+               whiten_stride: int = 1, whiten_bias: bool = True, dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       specs: one StemLayerSpec per layer, in order.
       whiten_patch_size: k > 0 puts a PatchWhitening layer of k x k patches first; 0 = none.
       whiten_stride: that layer's stride.
+      whiten_bias: whether that layer has a trained bias.
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
-    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, dtype=dtype, rngs=rngs)
+    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, use_bias=whiten_bias,
+                                     dtype=dtype, rngs=rngs)
                       if whiten_patch_size else None)
     first_in_channels = self.whitening.out_channels if self.whitening else in_channels
     layer_in_channels = (first_in_channels,) + tuple(spec.channels for spec in specs[:-1])

@@ -38,6 +38,7 @@ class VisionTransformer(nnx.Module):
       stem: tuple[layers.StemLayerSpec, ...],
       stem_whiten_patch_size: int = 0,
       stem_whiten_stride: int = 1,
+      stem_whiten_bias: bool = True,
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
@@ -59,6 +60,7 @@ class VisionTransformer(nnx.Module):
       stem_whiten_patch_size: k > 0 starts the stem with a layer that whitens k x k patches (its kernel
         is fitted to training images by `fit_to_images`); 0 = none.
       stem_whiten_stride: that layer's stride.
+      stem_whiten_bias: whether that layer has a trained bias.
       dtype: compute dtype; parameters are float32 and logits are returned as float32.
       rngs: parameter initialisation randomness.
     """
@@ -67,7 +69,8 @@ class VisionTransformer(nnx.Module):
     self.hidden_size = hidden_size
     self.uses_randomness = max(dropout_rate, attention_dropout_rate, stochastic_depth_rate) > 0
     self.stem = layers.ConvStem(channels, stem, whiten_patch_size=stem_whiten_patch_size,
-                                whiten_stride=stem_whiten_stride, dtype=dtype, rngs=rngs)
+                                whiten_stride=stem_whiten_stride, whiten_bias=stem_whiten_bias, dtype=dtype,
+                                rngs=rngs)
     self.grid_shape = (self.stem.output_size(height) // patch_size, self.stem.output_size(width) // patch_size)
     self.patch_embedding = nnx.Conv(
         self.stem.out_channels, hidden_size, (patch_size, patch_size), strides=patch_size, padding='VALID',
