@@ -411,3 +411,45 @@ def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output
   with pytest.raises(ValueError, match='model.stem_whiten_stride=0 must be >= 1'):
     models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=0),
                                  IMAGE_SHAPE)
+
+
+def test_dirac_init_starts_the_first_filters_as_the_identity_and_keeps_the_rest():
+  init = layers.dirac_kernel_init(layers.CONV_INIT)
+  key = jax.random.key(0)
+  kernel = init(key, (3, 3, 4, 6), jnp.float32)
+  images = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
+  out = lax_conv(images, kernel, 'SAME')
+  # filters 0..3 pass input channels 0..3 through; 4 and 5 are the base initialiser's draw
+  np.testing.assert_allclose(out[..., :4], images, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(kernel[..., 4:], layers.CONV_INIT(key, (3, 3, 4, 6), jnp.float32)[..., 4:])
+  model = build(make_config('hybrid_test', stem_dirac_init=True))
+  first = model.stem.layers[1].conv.kernel[...]  # [3, 3, 8, 16]
+  assert first[1, 1, 7, 7] == 1.0 and first[0, 0, 7, 7] == 0.0 and float(jnp.abs(first[..., 8:]).sum()) > 0
+
+
+def test_stem_batch_norm_without_scale_trains_only_a_bias_and_normalises():
+  with_scale, without = (build(make_config('hybrid_test', stem_batch_norm_scale=scale)) for scale in (True, False))
+  assert models.count_params(with_scale) - models.count_params(without) == 8 + 16  # one scale per stem channel
+  assert 'scale' not in nnx.state(without, nnx.Param)['stem']['layers'][0]['norm']
+  layer = without.stem.layers[0]
+  layer.norm.bias[...] = jnp.full((8,), 0.5)
+  images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3)) * 3.0 + 1.0
+  out = np.asarray(layer(images, train=True))
+  np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0.5, atol=1e-4)
+  np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1.0, atol=1e-2)
+
+
+def test_stem_activation_gelu_replaces_every_relu_of_the_stem_and_is_validated():
+  images = jnp.asarray(correlated_images(size=32)[:2])
+  relu, gelu = (build(make_config('hybrid_test', stem_whiten_patch_size=2, stem_activation=name))
+                for name in ('relu', 'gelu'))
+  nnx.update(gelu, nnx.state(relu))  # same parameters and state: only the activation differs
+  assert not np.allclose(relu.stem(images, train=False), gelu.stem(images, train=False))
+  x = gelu.stem.whitening(images)
+  x = jax.nn.gelu(x, approximate=True)
+  for layer, spec in zip(gelu.stem.layers, gelu.stem.specs):
+    x = jax.nn.gelu(layer(x, train=False), approximate=True)
+    x = layers.max_pool_2x2(x) if spec.pool else x
+  np.testing.assert_allclose(gelu.stem(images, train=False), x, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="model.stem_activation='swish'"):
+    models.validate_model_config(make_config('hybrid_test', stem_activation='swish'), IMAGE_SHAPE)

@@ -67,6 +67,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       stem_whiten_patch_size=0,  # k > 0: a first layer that whitens k x k patches, fitted to training images
       stem_whiten_stride=1,  # that layer's stride (= stem_whiten_patch_size: non-overlapping patches)
       stem_whiten_bias=True,  # False: no trained bias, so no gradient flows below the first conv (faster)
+      stem_batch_norm_scale=True,  # False: the stem's BatchNorms train a bias only (airbench's)
+      stem_dirac_init=False,  # True: each stem conv starts as a partial identity (airbench's)
+      stem_activation='relu',  # 'relu' | 'gelu' (tanh form), after each stem layer
       resnet_stage_sizes=(3, 4, 6, 3),
       resnet_width=64,
       resnet_stem='cifar',  # 'cifar' (3x3 conv, stride 1) | 'imagenet' (7x7 conv, stride 2 + max-pool)
@@ -111,6 +114,9 @@ def build_vision_transformer(
       stem_whiten_patch_size=cfg.stem_whiten_patch_size,
       stem_whiten_stride=cfg.stem_whiten_stride,
       stem_whiten_bias=cfg.stem_whiten_bias,
+      stem_batch_norm_scale=cfg.stem_batch_norm_scale,
+      stem_dirac_init=cfg.stem_dirac_init,
+      stem_activation=cfg.stem_activation,
       dtype=DTYPES[cfg.dtype],
       rngs=rngs)
 
@@ -212,6 +218,7 @@ def _validate_stem(cfg: ml_collections.ConfigDict) -> None:
     return
   for key in ('stem_channels', 'stem_kernel_sizes', 'stem_strides'):
     _check_positive_sequence(cfg, key)
+  _check_choice(cfg, 'stem_activation', tuple(layers.STEM_ACTIVATIONS))
   if not cfg.stem_pools:
     raise ValueError('model.stem_pools=() must have at least one entry when model.stem_layers > 0')
   if cfg.stem_whiten_patch_size < 0:

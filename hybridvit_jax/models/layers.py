@@ -22,6 +22,8 @@ DENSE_INIT = nnx.initializers.xavier_uniform()
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
 LAYER_NORM_EPSILON = 1e-6
+# The conv stem's activations by name: GELU in its tanh form (airbench's), cheaper than erf on CPU.
+STEM_ACTIVATIONS = {'relu': nnx.relu, 'gelu': lambda x: nnx.gelu(x, approximate=True)}
 
 
 _NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
@@ -68,6 +70,20 @@ def backend_conv(*args, **kwargs) -> jax.Array:
   return conv(*args, **kwargs)
 
 
+def dirac_kernel_init(base: jax.nn.initializers.Initializer) -> jax.nn.initializers.Initializer:
+  """`base`, with the first min(in, out) filters of a [kh, kw, in, out] kernel replaced by the identity
+  (filter o passes input channel o through its centre tap), so the convolution starts as a partial
+  identity on its input (airbench's dirac initialisation)."""
+  def init(key, shape, dtype=jnp.float32):
+    kernel_h, kernel_w, in_channels, out_channels = shape
+    kernel = base(key, shape, dtype)
+    passed = jnp.arange(min(in_channels, out_channels))
+    identity = jnp.zeros((kernel_h, kernel_w, in_channels, len(passed)), dtype)
+    identity = identity.at[kernel_h // 2, kernel_w // 2, passed, passed].set(1)
+    return kernel.at[..., :len(passed)].set(identity)
+  return init
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pooling with stride 2 (an odd last row or column is dropped): [B,H,W,C] -> [B,H//2,W//2,C].
 
@@ -91,6 +107,8 @@ class ConvBatchNorm(nnx.Module):
       stride: int = 1,
       padding: str | int = 'SAME',
       zero_init_scale: bool = False,
+      use_scale: bool = True,
+      dirac_init: bool = False,
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
@@ -100,14 +118,18 @@ class ConvBatchNorm(nnx.Module):
       stride: step of the convolution in both spatial dimensions.
       padding: 'SAME', or an int p padding every spatial side by p (PyTorch style).
       zero_init_scale: start the BatchNorm scale at 0, so the layer first outputs only its bias (0).
+      use_scale: whether BatchNorm has a trained scale; without it the output is the normalised
+        convolution plus a trained bias.
+      dirac_init: start the first min(in, out) filters as the identity (`dirac_kernel_init`).
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
     self.conv = nnx.Conv(
         in_channels, out_channels, (kernel_size, kernel_size), strides=stride, padding=padding,
-        use_bias=False, kernel_init=CONV_INIT, conv_general_dilated=backend_conv, dtype=dtype, rngs=rngs)
+        use_bias=False, kernel_init=dirac_kernel_init(CONV_INIT) if dirac_init else CONV_INIT,
+        conv_general_dilated=backend_conv, dtype=dtype, rngs=rngs)
     self.norm = nnx.BatchNorm(
-        out_channels, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=dtype,
+        out_channels, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, use_scale=use_scale, dtype=dtype,
         scale_init=nnx.initializers.zeros_init() if zero_init_scale else nnx.initializers.ones_init(),
         rngs=rngs)
 
@@ -220,30 +242,36 @@ def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...], whiten_stride:
 
 
 class ConvStem(nnx.Module):
-  """Conv layers (conv -> BatchNorm -> ReLU -> optional 2x2 max-pool) in front of tokenisation,
-  optionally behind a `PatchWhitening` layer (-> ReLU).
+  """Conv layers (conv -> BatchNorm -> activation -> optional 2x2 max-pool) in front of tokenisation,
+  optionally behind a `PatchWhitening` layer (-> activation); the activation is ReLU or GELU.
 
   With no specs (and no whitening) it is the identity, so a hybrid with zero stem layers is exactly a plain ViT.
   """
 
   def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
-               whiten_stride: int = 1, whiten_bias: bool = True, dtype: jnp.dtype, rngs: nnx.Rngs):
+               whiten_stride: int = 1, whiten_bias: bool = True, batch_norm_scale: bool = True,
+               dirac_init: bool = False, activation: str = 'relu', dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       specs: one StemLayerSpec per layer, in order.
       whiten_patch_size: k > 0 puts a PatchWhitening layer of k x k patches first; 0 = none.
       whiten_stride: that layer's stride.
       whiten_bias: whether that layer has a trained bias.
+      batch_norm_scale: whether the conv layers' BatchNorms have a trained scale.
+      dirac_init: start each conv layer as a partial identity (`dirac_kernel_init`).
+      activation: the name, in STEM_ACTIVATIONS, of the function after each layer.
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
+    self.activation = STEM_ACTIVATIONS[activation]
     self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, use_bias=whiten_bias,
                                      dtype=dtype, rngs=rngs)
                       if whiten_patch_size else None)
     first_in_channels = self.whitening.out_channels if self.whitening else in_channels
     layer_in_channels = (first_in_channels,) + tuple(spec.channels for spec in specs[:-1])
     self.layers = nnx.List([
-        ConvBatchNorm(c_in, spec.channels, spec.kernel_size, stride=spec.stride, dtype=dtype, rngs=rngs)
+        ConvBatchNorm(c_in, spec.channels, spec.kernel_size, stride=spec.stride, use_scale=batch_norm_scale,
+                      dirac_init=dirac_init, dtype=dtype, rngs=rngs)
         for c_in, spec in zip(layer_in_channels, specs)])
     self.specs = specs
     self.out_channels = specs[-1].channels if specs else first_in_channels
@@ -255,9 +283,9 @@ class ConvStem(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `output_size`."""
     if self.whitening is not None:
-      x = nnx.relu(self.whitening(x))
+      x = self.activation(self.whitening(x))
     for layer, spec in zip(self.layers, self.specs):
-      x = nnx.relu(layer(x, train=train))
+      x = self.activation(layer(x, train=train))
       if spec.pool:
         x = max_pool_2x2(x)
     return x

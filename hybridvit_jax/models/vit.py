@@ -39,6 +39,9 @@ class VisionTransformer(nnx.Module):
       stem_whiten_patch_size: int = 0,
       stem_whiten_stride: int = 1,
       stem_whiten_bias: bool = True,
+      stem_batch_norm_scale: bool = True,
+      stem_dirac_init: bool = False,
+      stem_activation: str = 'relu',
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
@@ -61,6 +64,9 @@ class VisionTransformer(nnx.Module):
         is fitted to training images by `fit_to_images`); 0 = none.
       stem_whiten_stride: that layer's stride.
       stem_whiten_bias: whether that layer has a trained bias.
+      stem_batch_norm_scale: whether the stem's BatchNorms have a trained scale.
+      stem_dirac_init: start each stem conv as a partial identity (`layers.dirac_kernel_init`).
+      stem_activation: the stem's activation, a key of `layers.STEM_ACTIVATIONS`.
       dtype: compute dtype; parameters are float32 and logits are returned as float32.
       rngs: parameter initialisation randomness.
     """
@@ -69,7 +75,9 @@ class VisionTransformer(nnx.Module):
     self.hidden_size = hidden_size
     self.uses_randomness = max(dropout_rate, attention_dropout_rate, stochastic_depth_rate) > 0
     self.stem = layers.ConvStem(channels, stem, whiten_patch_size=stem_whiten_patch_size,
-                                whiten_stride=stem_whiten_stride, whiten_bias=stem_whiten_bias, dtype=dtype,
+                                whiten_stride=stem_whiten_stride, whiten_bias=stem_whiten_bias,
+                                batch_norm_scale=stem_batch_norm_scale, dirac_init=stem_dirac_init,
+                                activation=stem_activation, dtype=dtype,
                                 rngs=rngs)
     self.grid_shape = (self.stem.output_size(height) // patch_size, self.stem.output_size(width) // patch_size)
     self.patch_embedding = nnx.Conv(
