@@ -19,10 +19,11 @@ HYBRID = {'name': 'hybrid', 'stem_layers': 3, 'stem_channels': (64, 128, 192), '
 # layer of width 256 (mean pooling). The stem starts with airbench's patch whitening: a fixed 2x2
 # conv (24 channels) fitted to the training images' patch covariance before the first step, with no
 # trained bias, so the backward pass ends at the first conv's kernel (4% faster a step, as accurate).
-# 0.18 GFLOP per image forward.
+# GELU (tanh form) after every stem layer, as airbench: +0.8 points after one epoch and +0.6 test at
+# 30 minutes over ReLU, at the same step time. 0.18 GFLOP per image forward.
 CPU_HYBRID = {**HYBRID, 'stem_layers': 6, 'stem_channels': (64, 64, 128, 128, 256, 256),
               'stem_pools': (True, False, True, False, True, False), 'stem_whiten_patch_size': 2,
-              'stem_whiten_bias': False, 'token_grid': 4,
+              'stem_whiten_bias': False, 'stem_activation': 'gelu', 'token_grid': 4,
               'hidden_size': 256, 'num_layers': 1, 'num_heads': 4, 'mlp_dim': 512, 'pooling': 'mean'}
 
 
@@ -31,7 +32,7 @@ def get_config(preset: str = ''):
       variant='vit_ti4', smoke_variant='hybrid_test', preset=preset,
       recipe={**common.TRANSFORMER_RECIPE, 'num_epochs': 300},
       paper=common.TRANSFORMER_PAPER,
-      # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes (measured: 85.60%, README).
+      # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes (measured: 86.22%, README).
       # Muon on the stem's convolutions (airbench's: each kernel rescaled to norm sqrt(out) before
       # its orthogonalised step) and SGD-Nesterov on the rest: +6 points after one epoch over SGD
       # alone, which trains the BatchNorm conv stem far faster than AdamW (README "runs tried");
