@@ -19,7 +19,7 @@ HYBRID = {'name': 'hybrid', 'stem_layers': 3, 'stem_channels': (64, 128, 192), '
 # layer of width 256 (mean pooling). The stem starts with airbench's patch whitening: a fixed 2x2
 # conv (24 channels) fitted to the training images' patch covariance before the first step, with no
 # trained bias, so the backward pass ends at the first conv's kernel (4% faster a step, as accurate).
-# GELU (tanh form) after every stem layer, as airbench: +0.8 points after one epoch and +0.6 test at
+# GELU (tanh approximation) after every stem layer, as airbench: +0.8 points after one epoch and +0.6 test at
 # 30 minutes over ReLU, at the same step time. 0.18 GFLOP per image forward.
 CPU_HYBRID = {**HYBRID, 'stem_layers': 6, 'stem_channels': (64, 64, 128, 128, 256, 256),
               'stem_pools': (True, False, True, False, True, False), 'stem_whiten_patch_size': 2,

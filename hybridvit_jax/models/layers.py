@@ -22,7 +22,7 @@ DENSE_INIT = nnx.initializers.xavier_uniform()
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
 LAYER_NORM_EPSILON = 1e-6
-# The conv stem's activations by name: GELU in its tanh form (airbench's), cheaper than erf on CPU.
+# The conv stem's activations by name; GELU (airbench's activation) in its tanh approximation.
 STEM_ACTIVATIONS = {'relu': nnx.relu, 'gelu': lambda x: nnx.gelu(x, approximate=True)}
 
 
