@@ -111,12 +111,9 @@ def build_vision_transformer(
       attention_dropout_rate=cfg.attention_dropout_rate,
       stochastic_depth_rate=cfg.stochastic_depth_rate,
       stem=_stem_specs(cfg),
-      stem_whiten_patch_size=cfg.stem_whiten_patch_size,
-      stem_whiten_stride=cfg.stem_whiten_stride,
-      stem_whiten_bias=cfg.stem_whiten_bias,
-      stem_batch_norm_scale=cfg.stem_batch_norm_scale,
-      stem_dirac_init=cfg.stem_dirac_init,
-      stem_activation=cfg.stem_activation,
+      stem_options=dict(whiten_patch_size=cfg.stem_whiten_patch_size, whiten_stride=cfg.stem_whiten_stride,
+                        whiten_bias=cfg.stem_whiten_bias, batch_norm_scale=cfg.stem_batch_norm_scale,
+                        dirac_init=cfg.stem_dirac_init, activation=cfg.stem_activation),
       dtype=DTYPES[cfg.dtype],
       rngs=rngs)
 

@@ -1,5 +1,9 @@
 """Vision Transformer, plain or hybrid: an optional conv stem whose output positions become the tokens."""
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,12 +40,7 @@ class VisionTransformer(nnx.Module):
       attention_dropout_rate: float,
       stochastic_depth_rate: float,
       stem: tuple[layers.StemLayerSpec, ...],
-      stem_whiten_patch_size: int = 0,
-      stem_whiten_stride: int = 1,
-      stem_whiten_bias: bool = True,
-      stem_batch_norm_scale: bool = True,
-      stem_dirac_init: bool = False,
-      stem_activation: str = 'relu',
+      stem_options: Mapping[str, Any] = MappingProxyType({}),
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
@@ -60,13 +59,8 @@ class VisionTransformer(nnx.Module):
       attention_dropout_rate: dropout on attention weights.
       stochastic_depth_rate: drop-path rate of the last block (linear from 0 at the first).
       stem: conv stem layers in front of the patch embedding; empty for a plain ViT.
-      stem_whiten_patch_size: k > 0 starts the stem with a layer that whitens k x k patches (its kernel
-        is fitted to training images by `fit_to_images`); 0 = none.
-      stem_whiten_stride: that layer's stride.
-      stem_whiten_bias: whether that layer has a trained bias.
-      stem_batch_norm_scale: whether the stem's BatchNorms have a trained scale.
-      stem_dirac_init: start each stem conv as a partial identity (`layers.dirac_kernel_init`).
-      stem_activation: the stem's activation, a key of `layers.STEM_ACTIVATIONS`.
+      stem_options: the keyword arguments of `layers.ConvStem` beyond its layers (the whitening
+        layer, BatchNorm scale, dirac initialisation, activation); empty = its defaults.
       dtype: compute dtype; parameters are float32 and logits are returned as float32.
       rngs: parameter initialisation randomness.
     """
@@ -74,11 +68,7 @@ class VisionTransformer(nnx.Module):
     self.dtype = dtype
     self.hidden_size = hidden_size
     self.uses_randomness = max(dropout_rate, attention_dropout_rate, stochastic_depth_rate) > 0
-    self.stem = layers.ConvStem(channels, stem, whiten_patch_size=stem_whiten_patch_size,
-                                whiten_stride=stem_whiten_stride, whiten_bias=stem_whiten_bias,
-                                batch_norm_scale=stem_batch_norm_scale, dirac_init=stem_dirac_init,
-                                activation=stem_activation, dtype=dtype,
-                                rngs=rngs)
+    self.stem = layers.ConvStem(channels, stem, **stem_options, dtype=dtype, rngs=rngs)
     self.grid_shape = (self.stem.output_size(height) // patch_size, self.stem.output_size(width) // patch_size)
     self.patch_embedding = nnx.Conv(
         self.stem.out_channels, hidden_size, (patch_size, patch_size), strides=patch_size, padding='VALID',
