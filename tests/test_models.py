@@ -231,7 +231,7 @@ def test_unknown_variant_is_rejected():
     (dict(name='resnet50', resnet_stage_sizes=(3, 0)), 'model.resnet_stage_sizes'),
     (dict(dropout_rate=1.0), 'model.dropout_rate=1.0 must be in [0, 1)'),
     (dict(stochastic_depth_rate=-0.1), 'model.stochastic_depth_rate'),
-    (dict(stem_whiten_patch_size=2), 'model.stem_whiten_patch_size=2 needs a conv stem'),
+    (dict(stem_whiten_patch_size=4, stem_whiten_stride=0), 'model.stem_whiten_stride=0 must be >= 1'),
     (dict(name='hybrid', stem_layers=2, stem_whiten_patch_size=-1), 'model.stem_whiten_patch_size=-1 must be >= 0'),
 ])
 def test_invalid_config_is_rejected_naming_the_key(overrides, message):
@@ -394,6 +394,27 @@ def test_whitening_without_bias_is_the_pure_whitening_and_backprop_stops_at_the_
 
   # the first conv's input gradient is computed only to train the whitening bias
   assert parameter_gradient_products(with_bias) - parameter_gradient_products(without) == 1
+
+
+def test_whitened_patch_embedding_of_a_vit_stays_one_linear_map_of_each_patch():
+  # no conv stem: whitening of each 4x4 patch (stride 4), then the 1x1 patch embedding of the 8x8 grid
+  cfg = make_config('vit_test', stem_whiten_patch_size=4, stem_whiten_stride=4, stem_whiten_bias=False, patch_size=1)
+  model = build(cfg)
+  assert models.fits_to_data(cfg) and model.grid_shape == (8, 8)
+  images = jnp.asarray(correlated_images(size=32))
+  model.fit_to_images(images)
+  whitened = np.asarray(model.stem(images, train=False))
+  assert whitened.shape == (64, 8, 8, 96)
+  # no activation after the whitening alone: the second half of the features is the first's negative
+  np.testing.assert_allclose(whitened[..., 48:], -whitened[..., :48], atol=1e-6)
+  # whitening then embedding equals one 4x4, stride-4 convolution of the raw image: a linear patch embedding
+  kernel = np.einsum('hwcj,jd->hwcd', np.asarray(model.stem.whitening.kernel[...]),
+                     np.asarray(model.patch_embedding.kernel[...])[0, 0])
+  direct = jax.lax.conv_general_dilated(images, jnp.asarray(kernel), (4, 4), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(model.patch_embedding(model.stem(images, train=False)),
+                             direct + model.patch_embedding.bias[...], rtol=1e-3, atol=1e-3)
+  assert model(images[:2], train=False).shape == (2, NUM_CLASSES)
 
 
 def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output():

@@ -65,6 +65,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       stem_strides=(1,),
       stem_pools=(True,),  # 2x2 max-pool, stride 2, after the layer
       stem_whiten_patch_size=0,  # k > 0: a first layer that whitens k x k patches, fitted to training images
+      # (with stem_layers=0, stride k and patch_size=1: a ViT's whitened patch embedding, still linear)
       stem_whiten_stride=1,  # that layer's stride (= stem_whiten_patch_size: non-overlapping patches)
       stem_whiten_bias=True,  # False: no trained bias, so no gradient flows below the first conv (faster)
       stem_batch_norm_scale=True,  # False: the stem's BatchNorms train a bias only (airbench's)
@@ -152,7 +153,7 @@ def create_model(
 
 def fits_to_data(cfg: ml_collections.ConfigDict) -> bool:
   """Whether the model has parts set from training images before training (`fit_to_images`)."""
-  return cfg.name != 'resnet50' and cfg.stem_layers > 0 and cfg.stem_whiten_patch_size > 0
+  return cfg.name != 'resnet50' and cfg.stem_whiten_patch_size > 0
 
 
 def count_params(model: nnx.Module) -> int:
@@ -208,20 +209,17 @@ def _validate_vision_transformer(cfg: ml_collections.ConfigDict, image_shape: tu
 def _validate_stem(cfg: ml_collections.ConfigDict) -> None:
   if cfg.stem_layers < 0:
     raise ValueError(f'model.stem_layers={cfg.stem_layers} must be >= 0')
+  if cfg.stem_whiten_patch_size < 0:
+    raise ValueError(f'model.stem_whiten_patch_size={cfg.stem_whiten_patch_size} must be >= 0 (0 = no whitening)')
+  if cfg.stem_whiten_stride < 1:
+    raise ValueError(f'model.stem_whiten_stride={cfg.stem_whiten_stride} must be >= 1')
   if cfg.stem_layers == 0:
-    if cfg.stem_whiten_patch_size:
-      raise ValueError(f'model.stem_whiten_patch_size={cfg.stem_whiten_patch_size} needs a conv stem: '
-                       'set model.stem_layers > 0, or model.stem_whiten_patch_size=0')
     return
   for key in ('stem_channels', 'stem_kernel_sizes', 'stem_strides'):
     _check_positive_sequence(cfg, key)
   _check_choice(cfg, 'stem_activation', tuple(layers.STEM_ACTIVATIONS))
   if not cfg.stem_pools:
     raise ValueError('model.stem_pools=() must have at least one entry when model.stem_layers > 0')
-  if cfg.stem_whiten_patch_size < 0:
-    raise ValueError(f'model.stem_whiten_patch_size={cfg.stem_whiten_patch_size} must be >= 0 (0 = no whitening)')
-  if cfg.stem_whiten_stride < 1:
-    raise ValueError(f'model.stem_whiten_stride={cfg.stem_whiten_stride} must be >= 1')
 
 
 def _validate_patch_size(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> None:

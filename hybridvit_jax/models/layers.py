@@ -246,6 +246,9 @@ class ConvStem(nnx.Module):
   optionally behind a `PatchWhitening` layer (-> activation); the activation is ReLU or GELU.
 
   With no specs (and no whitening) it is the identity, so a hybrid with zero stem layers is exactly a plain ViT.
+  With no specs but the whitening it is the whitening alone, no activation: in front of a ViT's patch
+  embedding (whitening stride = patch side, patch_size 1) each patch is whitened, then embedded by
+  the trained linear map, so the composition is still one linear patch embedding, better conditioned.
   """
 
   def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
@@ -283,7 +286,9 @@ class ConvStem(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `output_size`."""
     if self.whitening is not None:
-      x = self.activation(self.whitening(x))
+      x = self.whitening(x)
+      if self.specs:  # alone, the whitening stays linear: the patch embedding after it sees whitened patches
+        x = self.activation(x)
     for layer, spec in zip(self.layers, self.specs):
       x = self.activation(layer(x, train=train))
       if spec.pool:
