@@ -349,8 +349,8 @@ def test_patch_whitening_kernel_makes_the_patch_covariance_the_identity():
   assert np.all(np.diff(norms) >= 0)
 
 
-def lax_conv(images, kernel, padding):
-  return np.asarray(jax.lax.conv_general_dilated(jnp.asarray(images), kernel, (1, 1), padding,
+def lax_conv(images, kernel, padding, strides=(1, 1)):
+  return np.asarray(jax.lax.conv_general_dilated(jnp.asarray(images), kernel, strides, padding,
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
 
 
@@ -410,9 +410,8 @@ def test_whitened_patch_embedding_of_a_vit_stays_one_linear_map_of_each_patch():
   # whitening then embedding equals one 4x4, stride-4 convolution of the raw image: a linear patch embedding
   kernel = np.einsum('hwcj,jd->hwcd', np.asarray(model.stem.whitening.kernel[...]),
                      np.asarray(model.patch_embedding.kernel[...])[0, 0])
-  direct = jax.lax.conv_general_dilated(images, jnp.asarray(kernel), (4, 4), 'VALID',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(model.patch_embedding(model.stem(images, train=False)),
+  direct = lax_conv(images, jnp.asarray(kernel), 'VALID', strides=(4, 4))
+  np.testing.assert_allclose(model.patch_embedding(jnp.asarray(whitened)),
                              direct + model.patch_embedding.bias[...], rtol=1e-3, atol=1e-3)
   assert model(images[:2], train=False).shape == (2, NUM_CLASSES)
 
