@@ -433,6 +433,30 @@ def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output
                                  IMAGE_SHAPE)
 
 
+def test_unpadded_whitening_drops_the_zero_padded_border_and_shrinks_every_stage():
+  images = jnp.asarray(correlated_images(size=32)[:4])
+  # airbench's pools: 32 -> 31 (unpadded 2x2 whitening) -> 15 -> 7, one token per position
+  cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='VALID', stem_pools=(True,),
+                    patch_size=1)
+  model = build(cfg)
+  model.fit_to_images(images)
+  padded = layers.PatchWhitening(3, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  padded.kernel[...] = model.stem.whitening.kernel[...]
+  unpadded = model.stem.whitening(images)
+  assert unpadded.shape == (4, 31, 31, 24)
+  # 'SAME' pads a 2x2 window below and right only: the unpadded output is the padded one without that border
+  np.testing.assert_allclose(unpadded, padded(images)[:, :31, :31], rtol=1e-5, atol=1e-5)
+  assert model.stem(images, train=False).shape == (4, 7, 7, 16)
+  assert model.grid_shape == (7, 7) and model(images, train=False).shape == (4, NUM_CLASSES)
+  # a token grid that divides the padded stem's 8x8 output does not divide the unpadded one's 7x7
+  with pytest.raises(ValueError, match='model.token_grid=4 does not divide the 7x7 stem output'):
+    models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='VALID',
+                                             token_grid=4), IMAGE_SHAPE)
+  with pytest.raises(ValueError, match="unknown model.stem_whiten_padding='valid'"):
+    models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='valid'),
+                                 IMAGE_SHAPE)
+
+
 def test_dirac_init_starts_the_first_filters_as_the_identity_and_keeps_the_rest():
   init = layers.dirac_kernel_init(layers.CONV_INIT)
   key = jax.random.key(0)

@@ -67,6 +67,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       stem_whiten_patch_size=0,  # k > 0: a first layer that whitens k x k patches, fitted to training images
       # (with stem_layers=0, stride k and patch_size=1: a ViT's whitened patch embedding, still linear)
       stem_whiten_stride=1,  # that layer's stride (= stem_whiten_patch_size: non-overlapping patches)
+      stem_whiten_padding='SAME',  # 'SAME' | 'VALID' (airbench's: 2x2 patches take 32x32 to 31x31, pools to 15, 7, 3)
       stem_whiten_bias=True,  # False: no trained bias, so no gradient flows below the first conv (faster)
       stem_batch_norm_scale=True,  # False: the stem's BatchNorms train a bias only (airbench's)
       stem_dirac_init=False,  # True: each stem conv starts as a partial identity (airbench's)
@@ -113,6 +114,7 @@ def build_vision_transformer(
       stochastic_depth_rate=cfg.stochastic_depth_rate,
       stem=_stem_specs(cfg),
       stem_options=dict(whiten_patch_size=cfg.stem_whiten_patch_size, whiten_stride=cfg.stem_whiten_stride,
+                        whiten_padding=cfg.stem_whiten_padding,
                         whiten_bias=cfg.stem_whiten_bias, batch_norm_scale=cfg.stem_batch_norm_scale,
                         dirac_init=cfg.stem_dirac_init, activation=cfg.stem_activation),
       dtype=DTYPES[cfg.dtype],
@@ -178,8 +180,8 @@ def _stem_specs(cfg: ml_collections.ConfigDict) -> tuple[layers.StemLayerSpec, .
 
 
 def _stem_output_size(cfg: ml_collections.ConfigDict, size: int) -> int:
-  whiten_stride = cfg.stem_whiten_stride if cfg.stem_whiten_patch_size else 1
-  return layers.stem_output_size(size, _stem_specs(cfg), whiten_stride)
+  return layers.stem_output_size(size, _stem_specs(cfg), cfg.stem_whiten_patch_size, cfg.stem_whiten_stride,
+                                 cfg.stem_whiten_padding)
 
 
 def _validate_resnet(cfg: ml_collections.ConfigDict) -> None:
@@ -213,6 +215,7 @@ def _validate_stem(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'model.stem_whiten_patch_size={cfg.stem_whiten_patch_size} must be >= 0 (0 = no whitening)')
   if cfg.stem_whiten_stride < 1:
     raise ValueError(f'model.stem_whiten_stride={cfg.stem_whiten_stride} must be >= 1')
+  _check_choice(cfg, 'stem_whiten_padding', layers.WHITEN_PADDINGS)
   if cfg.stem_layers == 0:
     return
   for key in ('stem_channels', 'stem_kernel_sizes', 'stem_strides'):

@@ -172,7 +172,8 @@ def patch_whitening_kernel(images: jax.Array, patch_size: int, epsilon: float = 
 
 class PatchWhitening(nnx.Module):
   """The first layer of a whitened conv stem (airbench's patch whitening): a k x k convolution
-  ('SAME' padding) whose fixed filters whiten the training images' k x k patches, plus a trained bias
+  ('SAME' padding, or 'VALID' as airbench's) whose fixed filters whiten the training images' k x k
+  patches, plus a trained bias
   (optional: without it nothing below the next layer is trained, so the backward pass stops there).
   With stride k it whitens non-overlapping patches (a whitened space-to-depth: nothing is lost,
   and the layers after it run at 1/k of the resolution).
@@ -181,18 +182,22 @@ class PatchWhitening(nnx.Module):
   the first step of a fresh run, and checkpoints keep it.
   """
 
-  def __init__(self, in_channels: int, patch_size: int, *, stride: int = 1, use_bias: bool = True,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, patch_size: int, *, stride: int = 1, padding: str = 'SAME',
+               use_bias: bool = True, dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       patch_size: side k of the whitened patches; the layer outputs 2*k*k*C channels.
       stride: step between patches in both spatial dimensions.
+      padding: 'SAME' (zero padding, the output side is ceil(H / stride)) or 'VALID' (patches inside
+        the image only: (H - k) // stride + 1; a 2x2 layer takes 32x32 to 31x31, and the stem's pools
+        then halve 31 to 15, 7, 3: fewer positions for every layer after it).
       use_bias: add a trained bias (initially 0) to the whitened features.
       dtype: compute dtype.
       rngs: parameter initialisation randomness (the placeholder kernel).
     """
     self.patch_size = patch_size
     self.stride = stride
+    self.padding = padding
     self.out_channels = 2 * patch_size * patch_size * in_channels
     self.kernel = FittedKernel(CONV_INIT(rngs.params(), (patch_size, patch_size, in_channels, self.out_channels)))
     self.bias = nnx.Param(jnp.zeros((self.out_channels,))) if use_bias else None
@@ -203,10 +208,10 @@ class PatchWhitening(nnx.Module):
     self.kernel[...] = patch_whitening_kernel(images, self.patch_size)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """[B,H,W,C] -> [B,ceil(H/stride),ceil(W/stride),2*k*k*C]."""
+    """[B,H,W,C] -> [B,H',W',2*k*k*C], H' = whitened_size(H, k, stride, padding) (W' likewise)."""
     kernel = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
-    y = backend_conv(x, kernel, (self.stride, self.stride), 'SAME',
+    y = backend_conv(x, kernel, (self.stride, self.stride), self.padding,
                      dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC_HWIO))
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
@@ -230,10 +235,22 @@ def stem_layer_specs(
       for i in range(num_layers))
 
 
-def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...], whiten_stride: int = 1) -> int:
+WHITEN_PADDINGS = ('SAME', 'VALID')
+
+
+def whitened_size(size: int, patch_size: int, stride: int, padding: str) -> int:
+  """Side of a patch-whitening layer's output for an input side of `size`."""
+  if padding == 'VALID':
+    return (size - patch_size) // stride + 1
+  return -(-size // stride)
+
+
+def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...], whiten_patch_size: int = 0, whiten_stride: int = 1,
+                     whiten_padding: str = 'SAME') -> int:
   """Side length of the stem's output for an input side of `size` ('SAME' convs, floor-dividing pools),
-  behind a patch-whitening layer of stride `whiten_stride` (1 when there is none)."""
-  size = -(-size // whiten_stride)
+  behind a patch-whitening layer of k x k patches with that stride and padding (k = 0: none)."""
+  if whiten_patch_size:
+    size = whitened_size(size, whiten_patch_size, whiten_stride, whiten_padding)
   for spec in specs:
     size = -(-size // spec.stride)
     if spec.pool:
@@ -252,13 +269,14 @@ class ConvStem(nnx.Module):
   """
 
   def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
-               whiten_stride: int = 1, whiten_bias: bool = True, batch_norm_scale: bool = True,
+               whiten_stride: int = 1, whiten_padding: str = 'SAME', whiten_bias: bool = True, batch_norm_scale: bool = True,
                dirac_init: bool = False, activation: str = 'relu', dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       specs: one StemLayerSpec per layer, in order.
       whiten_patch_size: k > 0 puts a PatchWhitening layer of k x k patches first; 0 = none.
       whiten_stride: that layer's stride.
+      whiten_padding: that layer's padding, 'SAME' or 'VALID' (`PatchWhitening`).
       whiten_bias: whether that layer has a trained bias.
       batch_norm_scale: whether the conv layers' BatchNorms have a trained scale.
       dirac_init: start each conv layer as a partial identity (`dirac_kernel_init`).
@@ -267,7 +285,8 @@ class ConvStem(nnx.Module):
       rngs: parameter initialisation randomness.
     """
     self.activation = STEM_ACTIVATIONS[activation]
-    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, use_bias=whiten_bias,
+    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, padding=whiten_padding,
+                                     use_bias=whiten_bias,
                                      dtype=dtype, rngs=rngs)
                       if whiten_patch_size else None)
     first_in_channels = self.whitening.out_channels if self.whitening else in_channels
@@ -281,7 +300,10 @@ class ConvStem(nnx.Module):
 
   def output_size(self, size: int) -> int:
     """Side of the output for an input side of `size`."""
-    return stem_output_size(size, self.specs, self.whitening.stride if self.whitening else 1)
+    if self.whitening is None:
+      return stem_output_size(size, self.specs)
+    return stem_output_size(size, self.specs, self.whitening.patch_size, self.whitening.stride,
+                            self.whitening.padding)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `output_size`."""
