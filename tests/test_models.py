@@ -416,13 +416,20 @@ def test_whitened_patch_embedding_of_a_vit_stays_one_linear_map_of_each_patch():
   assert model(images[:2], train=False).shape == (2, NUM_CLASSES)
 
 
+def fitted_with_dense_whitening(cfg, images):
+  """A model of `cfg` with its whitening fitted to `images`, and a stride-1, 'SAME' PatchWhitening
+  with the same kernel (every patch, zero-padded), to compare the model's whitening with."""
+  model = build(cfg)
+  model.fit_to_images(images)
+  dense = layers.PatchWhitening(images.shape[-1], cfg.stem_whiten_patch_size, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  dense.kernel[...] = model.stem.whitening.kernel[...]
+  return model, dense
+
+
 def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output():
   images = jnp.asarray(correlated_images(size=32)[:4])
   cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=2, stem_pools=(False, True))
-  model = build(cfg)
-  model.fit_to_images(images)
-  dense = layers.PatchWhitening(3, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
-  dense.kernel[...] = model.stem.whitening.kernel[...]
+  model, dense = fitted_with_dense_whitening(cfg, images)
   strided = model.stem.whitening(images)
   assert strided.shape == (4, 16, 16, 24)
   np.testing.assert_allclose(strided, dense(images)[:, ::2, ::2], rtol=1e-5, atol=1e-5)
@@ -438,10 +445,7 @@ def test_unpadded_whitening_drops_the_zero_padded_border_and_shrinks_every_stage
   # airbench's pools: 32 -> 31 (unpadded 2x2 whitening) -> 15 -> 7, one token per position
   cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='VALID', stem_pools=(True,),
                     patch_size=1)
-  model = build(cfg)
-  model.fit_to_images(images)
-  padded = layers.PatchWhitening(3, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
-  padded.kernel[...] = model.stem.whitening.kernel[...]
+  model, padded = fitted_with_dense_whitening(cfg, images)
   unpadded = model.stem.whitening(images)
   assert unpadded.shape == (4, 31, 31, 24)
   # 'SAME' pads a 2x2 window below and right only: the unpadded output is the padded one without that border

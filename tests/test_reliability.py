@@ -86,6 +86,28 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, uninterrupted):
   assert_same_run(workdir, uninterrupted)
 
 
+def test_the_host_waits_for_the_device_once_it_is_two_seconds_of_steps_ahead():
+  clock, waited_for = [0.0], []
+  pacer = loop.DispatchPacer(0, max_seconds_ahead=2.0, clock=lambda: clock[0], wait=waited_for.append)
+  state = type('State', (), {'step': 'step buffer'})()  # the pacer waits for its .step only
+
+  def run_steps(first, last, seconds_per_step):
+    """Steps first..last, each taking seconds_per_step of device time (the clock moves with them)."""
+    waits = []
+    for step in range(first, last + 1):
+      clock[0] += seconds_per_step
+      before = len(waited_for)
+      pacer.after_step(state, step)
+      if len(waited_for) > before:
+        waits.append(step)
+    return waits
+
+  # slow steps (a ResNet50 step on 2 CPU cores): a wait after every step, so a SIGTERM waits for one step
+  assert run_steps(1, 3, 18.0) == [1, 2, 3] and waited_for == ['step buffer'] * 3
+  # fast steps: one measured step, then a wait every 2 s of steps (16 of 0.125 s), not after each
+  assert run_steps(4, 60, 0.125) == [4, 20, 36, 52] and pacer.steps_per_wait == 16
+
+
 def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, uninterrupted):
   workdir = tmp_path / 'run'
   process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
