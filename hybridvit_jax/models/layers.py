@@ -173,8 +173,8 @@ def patch_whitening_kernel(images: jax.Array, patch_size: int, epsilon: float = 
 class PatchWhitening(nnx.Module):
   """The first layer of a whitened conv stem (airbench's patch whitening): a k x k convolution
   ('SAME' padding, or 'VALID' as airbench's) whose fixed filters whiten the training images' k x k
-  patches, plus a trained bias
-  (optional: without it nothing below the next layer is trained, so the backward pass stops there).
+  patches, plus a trained bias (optional: without it nothing below the next layer is trained, so
+  the backward pass stops there).
   With stride k it whitens non-overlapping patches (a whitened space-to-depth: nothing is lost,
   and the layers after it run at 1/k of the resolution).
 
@@ -269,8 +269,9 @@ class ConvStem(nnx.Module):
   """
 
   def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
-               whiten_stride: int = 1, whiten_padding: str = 'SAME', whiten_bias: bool = True, batch_norm_scale: bool = True,
-               dirac_init: bool = False, activation: str = 'relu', dtype: jnp.dtype, rngs: nnx.Rngs):
+               whiten_stride: int = 1, whiten_padding: str = 'SAME', whiten_bias: bool = True,
+               batch_norm_scale: bool = True, dirac_init: bool = False, activation: str = 'relu', dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       specs: one StemLayerSpec per layer, in order.
@@ -286,8 +287,7 @@ class ConvStem(nnx.Module):
     """
     self.activation = STEM_ACTIVATIONS[activation]
     self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, padding=whiten_padding,
-                                     use_bias=whiten_bias,
-                                     dtype=dtype, rngs=rngs)
+                                     use_bias=whiten_bias, dtype=dtype, rngs=rngs)
                       if whiten_patch_size else None)
     first_in_channels = self.whitening.out_channels if self.whitening else in_channels
     layer_in_channels = (first_in_channels,) + tuple(spec.channels for spec in specs[:-1])
