@@ -38,7 +38,7 @@ def get_config(preset: str = ''):
       # its orthogonalised step) and SGD-Nesterov on the rest: +6 points after one epoch over SGD
       # alone, which trains the BatchNorm conv stem far faster than AdamW (README "runs tried");
       # label smoothing 0.2, a light crop (padding 2) and alternating flips for a run this short.
-      # The step runs at 1.15-1.3 per second (batch 128): 1,900 steps (5.4 epochs) plus compile and
+      # The step runs at 1.05-1.35 per second (batch 128): 1,900 steps (5.4 epochs) plus compile and
       # three evaluations (epochs 2 and 4, the end) took 1616 s, leaving ~10% for a slow hour.
       cpu={'num_epochs': 6, 'max_steps': 1900, 'batch_size': 128, 'eval_every_epochs': 2,
            'data.crop_padding': 2, 'data.alternate_flip': True,
