@@ -14,7 +14,7 @@ from hybridvit_jax import models
 RUN_CONFIG_FILE = 'config.json'
 
 OPTIMIZERS = ('adam', 'adamw', 'lamb', 'sgd', 'muon')
-SCHEDULES = ('cosine', 'constant')
+SCHEDULES = ('cosine', 'linear', 'constant')
 INPUT_MODES = ('device', 'stream')
 NAN_POLICIES = ('stop', 'skip')
 # Keys whose change makes an existing run's checkpoints meaningless for the new config.
@@ -73,9 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 1e-3  # peak, for the global batch size
-  config.optimizer.schedule = 'cosine'
+  config.optimizer.schedule = 'cosine'  # after warmup: 'cosine' | 'linear' (decay to the end factor) | 'constant'
   config.optimizer.warmup_epochs = 5.0
-  config.optimizer.end_learning_rate_factor = 0.0  # cosine ends at this fraction of the peak
+  config.optimizer.end_learning_rate_factor = 0.0  # cosine or linear decay ends at this fraction of the peak
   config.optimizer.weight_decay = 0.05  # decoupled for adamw, L2 for sgd; never on norms/biases
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999

@@ -12,7 +12,7 @@ from flax import nnx
 
 from hybridvit_jax import models
 from hybridvit_jax.models import layers
-from hybridvit_jax.models.vit import drop_path_rates
+from hybridvit_jax.models.vit import POOL_TOKENS, drop_path_rates
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -126,6 +126,14 @@ def test_mean_pooling_has_no_class_token():
   assert forward(model, random_images(2), train=False).shape == (2, NUM_CLASSES)
 
 
+def test_max_pooling_classifies_each_features_largest_token():
+  model = build(make_config('vit_test', pooling='max'))
+  assert not any('cls_token' in path for path in param_paths(model))
+  tokens = jnp.asarray([[[1.0, -2.0], [3.0, -5.0], [0.0, 4.0]]])  # [B=1, T=3, D=2]
+  np.testing.assert_array_equal(POOL_TOKENS[model.pooling](tokens), [[3.0, 4.0]])
+  assert forward(model, random_images(2), train=False).shape == (2, NUM_CLASSES)
+
+
 def train_losses(model, images, labels, num_steps):
   """Cross-entropy on (images, labels) before each of num_steps Adam steps, with one jitted step function."""
   optimizer = optax.adam(3e-3)
@@ -217,7 +225,7 @@ def test_unknown_variant_is_rejected():
 @pytest.mark.parametrize('overrides, message', [
     (dict(name='vgg'), "unknown model.name='vgg'"),
     (dict(dtype='float16'), 'model.dtype'),
-    (dict(pooling='max'), 'model.pooling'),
+    (dict(pooling='median'), 'model.pooling'),
     (dict(posemb='rope'), 'model.posemb'),
     (dict(name='resnet50', resnet_stem='big'), 'model.resnet_stem'),
     (dict(hidden_size=100, num_heads=3), 'model.hidden_size=100 is not divisible by model.num_heads=3'),

@@ -39,6 +39,18 @@ def test_schedule_warms_up_then_decays_to_the_end_factor():
   assert float(schedule(60)) < float(schedule(40))
 
 
+def test_linear_schedule_decays_along_a_straight_line_to_the_end_factor():
+  opt = configuration.base_config().optimizer
+  with opt.unlocked():
+    opt.update({'learning_rate': 1.0, 'warmup_epochs': 2.0, 'end_learning_rate_factor': 0.1, 'schedule': 'linear'})
+  schedule = optimizer_lib.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=100)
+  assert float(schedule(10)) == pytest.approx(0.5)
+  assert float(schedule(20)) == pytest.approx(1.0)
+  assert float(schedule(40)) == pytest.approx(0.775)  # a quarter of the way from 1.0 at step 20 to 0.1 at step 100
+  assert float(schedule(90)) == pytest.approx(0.2125)  # the cosine would be at 0.134 here
+  assert float(schedule(100)) == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize('name', ['adam', 'adamw', 'sgd', 'muon'])
 def test_every_optimizer_decreases_a_quadratic(name):
   opt = configuration.base_config().optimizer

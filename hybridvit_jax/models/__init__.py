@@ -54,7 +54,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       num_layers=12,
       num_heads=3,
       mlp_dim=768,
-      pooling='cls',  # 'cls' (class token) | 'mean' (mean over tokens, no class token)
+      pooling='cls',  # 'cls' (class token) | 'mean' | 'max' (over tokens, no class token)
       posemb='learned',  # 'learned' | 'sincos2d' (fixed)
       dropout_rate=0.0,
       attention_dropout_rate=0.0,

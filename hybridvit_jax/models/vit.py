@@ -10,8 +10,11 @@ from flax import nnx
 
 from hybridvit_jax.models import layers
 
-POOLINGS = ('cls', 'mean')
 POSEMBS = ('learned', 'sincos2d')
+# Each pooling's [B,T,D] -> [B,D]; 'cls' takes the class token, prepended first.
+POOL_TOKENS = {'cls': lambda tokens: tokens[:, 0], 'mean': lambda tokens: tokens.mean(axis=1),
+               'max': lambda tokens: tokens.max(axis=1)}
+POOLINGS = tuple(POOL_TOKENS)
 
 
 def drop_path_rates(max_rate: float, num_layers: int) -> list[float]:
@@ -21,7 +24,7 @@ def drop_path_rates(max_rate: float, num_layers: int) -> list[float]:
 
 class VisionTransformer(nnx.Module):
   """ViT classifier (timm layout): [conv stem] -> patch conv -> [class token] -> position embedding ->
-  pre-norm encoder blocks -> LayerNorm -> pool ('cls' token or 'mean' of tokens) -> zero-initialised Linear head.
+  pre-norm encoder blocks -> LayerNorm -> pool ('cls' token, 'mean' or 'max' of tokens) -> zero-initialised Linear head.
   """
 
   def __init__(
@@ -53,7 +56,8 @@ class VisionTransformer(nnx.Module):
       num_layers: number of encoder blocks.
       num_heads: attention heads per block.
       mlp_dim: width of each block's MLP hidden layer.
-      pooling: 'cls' (prepend a class token and classify it) or 'mean' (mean over tokens, no class token).
+      pooling: 'cls' (prepend a class token and classify it), 'mean' or 'max' (each feature's mean or
+        maximum over the tokens, no class token; 'max' is airbench's global max-pool).
       posemb: 'learned' (a Param, normal std 0.02, with a class-token position) or 'sincos2d' (fixed).
       dropout_rate: dropout after the position embedding, the attention projection and in the MLPs.
       attention_dropout_rate: dropout on attention weights.
@@ -73,6 +77,7 @@ class VisionTransformer(nnx.Module):
     self.patch_embedding = nnx.Conv(
         self.stem.out_channels, hidden_size, (patch_size, patch_size), strides=patch_size, padding='VALID',
         dtype=dtype, rngs=rngs)
+    self.pooling = pooling
     self.cls_token = nnx.Param(jnp.zeros((1, 1, hidden_size))) if pooling == 'cls' else None
     num_tokens = self.grid_shape[0] * self.grid_shape[1] + (pooling == 'cls')
     self.pos_embedding = (
@@ -110,7 +115,7 @@ class VisionTransformer(nnx.Module):
     for block in self.blocks:
       tokens = block(tokens, train=train, rngs=rngs)
     tokens = self.norm(tokens)
-    pooled = tokens[:, 0] if self.cls_token is not None else tokens.mean(axis=1)
+    pooled = POOL_TOKENS[self.pooling](tokens)
     return self.head(pooled).astype(jnp.float32)
 
   def fit_to_images(self, images: jax.Array) -> None:

@@ -17,14 +17,17 @@ LINEAR_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0,), out
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to the peak over `warmup_epochs`, then cosine decay or constant."""
+  """Linear warmup from 0 to the peak over `warmup_epochs`, then to `end_learning_rate_factor` x peak at
+  `total_steps` along a cosine ('cosine') or a straight line ('linear'), or the peak throughout ('constant')."""
   peak = opt_config.learning_rate
   warmup_steps = min(int(opt_config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup_steps, 1)
   if opt_config.schedule == 'constant':
     after_warmup = optax.constant_schedule(peak)
+  elif opt_config.schedule == 'linear':
+    after_warmup = optax.linear_schedule(peak, peak * opt_config.end_learning_rate_factor, decay_steps)
   else:
-    after_warmup = optax.cosine_decay_schedule(
-        peak, decay_steps=max(total_steps - warmup_steps, 1), alpha=opt_config.end_learning_rate_factor)
+    after_warmup = optax.cosine_decay_schedule(peak, decay_steps=decay_steps, alpha=opt_config.end_learning_rate_factor)
   if warmup_steps == 0:
     return after_warmup
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
