@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.num_epochs = 100
   config.max_steps = 0  # 0 = no limit; otherwise training stops after this many steps.
+  # 0 = off; otherwise as many steps (at most num_epochs / max_steps) as fit in this many minutes
+  # of elapsed_s (compile and evaluations included), planned from the speed of the first steps.
+  config.budget_minutes = 0.0
   config.batch_size = 256  # global, over all devices and processes
   config.eval_batch_size = 500
   config.label_smoothing = 0.0
@@ -122,7 +125,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
               'eval_every_epochs'):
     _require_positive(config, key)
-  for key in ('max_steps', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding', 'eval_translate'):
+  for key in ('max_steps', 'budget_minutes', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding', 'eval_translate'):
     _require_positive(config, key, allow_zero=True)
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % device_count:

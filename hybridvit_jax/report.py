@@ -131,11 +131,15 @@ def evaluated_test_accuracy(history: list[dict[str, Any]], evaluations: list[dic
 
 
 def planned_epochs(config: ml_collections.ConfigDict, history: list[dict[str, Any]]) -> float:
-  """num_epochs, or fewer where max_steps ends the run first (known once an epoch is recorded)."""
-  if not (config.max_steps and history and history[-1]['epoch']):
+  """num_epochs, or fewer where max_steps or the time budget's plan ends the run first (known once
+  an epoch is recorded)."""
+  if not (history and history[-1]['epoch']):
     return config.num_epochs
   steps_per_epoch = history[-1]['step'] / history[-1]['epoch']
-  return min(config.num_epochs, round(config.max_steps / steps_per_epoch, 3))
+  planned_steps = history[-1].get('planned_steps') or config.max_steps
+  if not planned_steps:
+    return config.num_epochs
+  return min(config.num_epochs, round(planned_steps / steps_per_epoch, 3))
 
 
 def model_cost(model_config: ml_collections.ConfigDict, *, num_classes: int,

@@ -5,6 +5,7 @@ jitted steps is pure (see steps.py).
 """
 import functools
 import json
+import math
 import pathlib
 import signal
 import time
@@ -18,8 +19,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridvit_jax import configuration, data, models
+from hybridvit_jax.data import stream
 from hybridvit_jax.training import optimizer as optimizer_lib
-from hybridvit_jax.training import inputs, steps
+from hybridvit_jax.training import budget, inputs, steps
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 from hybridvit_jax.training.metrics import ClassificationMetrics
 from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
@@ -55,6 +57,23 @@ def evaluate_split(eval_step, state: TrainState, batches: inputs.Batches, *, bat
     metrics = eval_step(state, metrics, *(inputs.to_global(x, batch_sharding) for x in (images, labels, mask)))
   result = {name: float(value) for name, value in metrics.compute().items()}
   return {**result, 'examples': int(metrics.accuracy.count)}
+
+
+def seconds_per_eval_batch(eval_step, state: TrainState, batches: inputs.Batches, *, batch_size: int,
+                           mesh: jax.sharding.Mesh, timed_batches: int = 2) -> float:
+  """Seconds one eval_step call takes, timed on the batches after the first (whose call compiles)."""
+  batch_sharding = NamedSharding(mesh, P('data'))
+  placed = []
+  for batch in inputs.padded(batches, batch_size):
+    placed.append(tuple(inputs.to_global(x, batch_sharding) for x in batch))
+    if len(placed) > timed_batches:
+      break
+  jax.block_until_ready(eval_step(state, ClassificationMetrics.empty(), *placed[0]))
+  timed = placed[1:] or placed
+  start = time.perf_counter()
+  for batch in timed:
+    jax.block_until_ready(eval_step(state, ClassificationMetrics.empty(), *batch))
+  return (time.perf_counter() - start) / len(timed)
 
 
 # ---------------------------------------------------------------------------------- model
@@ -190,6 +209,49 @@ def check_finite(state: TrainState, config: ml_collections.ConfigDict, checkpoin
       '--config.optimizer.learning_rate, or --config.nan_policy=skip to skip such steps')
 
 
+# --------------------------------------------------------------------------------- budget
+class BudgetProbe:
+  """Times a budgeted run's first steps from where this session started: the first (the compile),
+  then budget.PROBE_FIRST_STEP to budget.PROBE_LAST_STEP (the speed a step)."""
+
+  def __init__(self, start_step: int, *, clock=time.time):
+    self.start_time = clock()
+    self._clock = clock
+    self.compiled_step, self.first_step, self.last_step = (
+        start_step + 1, start_step + budget.PROBE_FIRST_STEP, start_step + budget.PROBE_LAST_STEP)
+    self.times: dict[int, float] = {}
+
+  def timed(self, state: TrainState, step: int) -> bool:
+    """Called after dispatching the step that brings the run to `step`; waits for it if it is one
+    of the timed steps, and is True once the last of them is done."""
+    if step in (self.compiled_step, self.first_step, self.last_step):
+      jax.block_until_ready(state.step)
+      self.times[step] = self._clock()
+    return step == self.last_step
+
+  def speed(self, seconds_per_eval_batch: float) -> budget.Speed:
+    return budget.Speed(
+        seconds_per_step=(self.times[self.last_step] - self.times[self.first_step]) / (self.last_step - self.first_step),
+        seconds_per_eval_batch=seconds_per_eval_batch,
+        compile_seconds=self.times[self.compiled_step] - self.start_time)
+
+
+def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step: int, elapsed_s: float,
+                max_total_steps: int, steps_per_epoch: int, eval_batches: int) -> int:
+  """The run's total steps under its time budget at the measured `speed` (logged in one line)."""
+  total_steps = budget.steps_in_budget(
+      budget_s=config.budget_minutes * 60.0, elapsed_s=elapsed_s, step=step, speed=speed,
+      max_steps=max_total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=config.eval_every_epochs,
+      eval_batches=eval_batches)
+  evaluations = budget.evaluation_count(total_steps, steps_per_epoch=steps_per_epoch,
+                                        eval_every_epochs=config.eval_every_epochs)
+  logging.info('time budget of %g minutes: %d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluations '
+               'of %d batches at %.0f ms a batch, %.1f s a compile', config.budget_minutes, total_steps,
+               total_steps / steps_per_epoch, max_total_steps, 1e3 * speed.seconds_per_step, evaluations,
+               eval_batches, 1e3 * speed.seconds_per_eval_batch, speed.compile_seconds)
+  return total_steps
+
+
 # ---------------------------------------------------------------------------------- train
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
@@ -214,9 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                     config.eval_batch_size, flag=f'--config.data.{split}_split')
                   for split in (('val', 'test') if config.eval_test_every_epoch else ('val',))}
   steps_per_epoch = train_input.steps_per_epoch
-  total_steps = config.num_epochs * steps_per_epoch
+  max_total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps:
-    total_steps = min(total_steps, config.max_steps)
+    max_total_steps = min(max_total_steps, config.max_steps)
+  total_steps = max_total_steps  # a time budget plans fewer once the first steps are timed
 
   workdir.mkdir(parents=True, exist_ok=True)
   if is_chief:
@@ -232,6 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = checkpoints.restore(jax.eval_shape(init_state))
   if restored is not None:
     state, meta = restored
+    if config.budget_minutes and meta.get('planned_steps', total_steps) != total_steps:
+      total_steps = meta['planned_steps']  # the schedule the time budget planned at the run's start
+      _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     logging.info('resumed from step %d of %d', int(state.step), total_steps)
   else:
     state = init_state()
@@ -253,6 +319,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  meta['epochs_without_improvement'])
     total_steps = start_step
 
+  # -- time budget: the steps that fit are planned from the first steps' speed (budget.py); at
+  # the deadline (the budget less the last evaluation) the run ends wherever it is.
+  budget_s = config.budget_minutes * 60.0
+  probe = None
+  if budget_s and 'planned_steps' not in meta and start_step + budget.PROBE_LAST_STEP < total_steps:
+    probe = BudgetProbe(start_step)
+  eval_batches = (2 if config.ema_decay else 1) * sum(
+      math.ceil(stream.num_examples(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
+      for split in eval_sources)
+  evaluation_reserve_s = meta.get('evaluation_reserve_s', 0.0)
+
   # -- loop.
   stop = StopRequest()
   record: dict[str, Any] = {}
@@ -271,6 +348,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = train_step(state, metrics, *step_inputs)
         step += 1
         pacer.after_step(state, step)
+        if probe is not None and probe.timed(state, step):  # its last step: plan the run's length
+          speed = probe.speed(seconds_per_eval_batch(eval_step, state, eval_sources['val'](),
+                                                     batch_size=config.eval_batch_size, mesh=mesh))
+          planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
+                                      max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
+                                      eval_batches=eval_batches)
+          evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
+          meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s}
+          probe = None
+          if planned_steps != total_steps:  # the schedule's length changes: a new step to compile
+            total_steps = planned_steps
+            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+            _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
+                                              total_steps=total_steps)
+            hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+        if budget_s and step < total_steps and time.time() - session_start >= budget_s - evaluation_reserve_s:
+          logging.warning('time budget of %g minutes reached at step %d of the %d planned: ending the run here',
+                          config.budget_minutes, step, total_steps)
+          total_steps = epoch_end = step
         if step % config.log_every_steps == 0:
           check_finite(state, config, checkpoints)  # waits for the step: the host is not ahead here
           writer.write_scalars(step, {f'train_{k}': v for k, v in metrics.compute().items()})
@@ -305,9 +401,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'elapsed_s': round(time.time() - session_start, 2),
           'images_per_s': round((step - epoch_first_step) * config.batch_size / train_seconds, 1),
           'skipped_steps': int(optimizer_lib.skipped_updates(state.opt_state)),
+          'planned_steps': total_steps,
       }
       improved = record['val_accuracy'] > meta['best_val_accuracy']
-      meta = {'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
+      meta = {**meta, 'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
               'epochs_without_improvement': 0 if improved else meta['epochs_without_improvement'] + 1,
               'elapsed_s': record['elapsed_s']}
       checkpoints.save(step, state, meta, best=improved)

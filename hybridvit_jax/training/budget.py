@@ -1,0 +1,59 @@
+"""A run's step count from a time budget (`budget_minutes`): planned from the speed measured on
+this machine, so that "train for 30 minutes" means the same thing on a fast hour and a slow one.
+
+The loop times the run's own first steps (after the compile) and one evaluation batch, then
+`steps_in_budget` returns the most steps whose training, evaluations and the recompile of the
+step for the planned schedule fit in what is left of the budget, with `SAFETY_MARGIN` to spare.
+The plan is kept in every checkpoint, so a resumed run follows the schedule it started with.
+Pure functions only: the clock is read in the loop.
+"""
+import dataclasses
+import math
+
+# Steps measured for the plan: from PROBE_FIRST_STEP (the compile and the first steps' warm-up are
+# over) to PROBE_LAST_STEP. They are real training steps of the run, inside its warmup when there
+# is one, where the schedule does not depend on the planned length.
+PROBE_FIRST_STEP = 3
+PROBE_LAST_STEP = 23
+# The plan leaves this fraction of the time left unused: the speed of a shared machine drifts by
+# a few per cent within an hour. Should it drift further, the loop stops at the deadline anyway.
+SAFETY_MARGIN = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+  """What the loop measured: seconds a training step, an evaluation batch and a compile."""
+  seconds_per_step: float
+  seconds_per_eval_batch: float
+  compile_seconds: float
+
+
+def evaluation_count(total_steps: int, *, steps_per_epoch: int, eval_every_epochs: int) -> int:
+  """Evaluations a run of `total_steps` makes: after every `eval_every_epochs`-th whole epoch
+  before the last step, and once at the last step."""
+  whole_epochs_before_end = (total_steps - 1) // steps_per_epoch
+  return whole_epochs_before_end // eval_every_epochs + 1
+
+
+def steps_in_budget(*, budget_s: float, elapsed_s: float, step: int, speed: Speed, max_steps: int,
+                    steps_per_epoch: int, eval_every_epochs: int, eval_batches: int) -> int:
+  """The most steps (at most `max_steps`, at least `step + 1`) a run at `step`, `elapsed_s` into a
+  budget of `budget_s`, can train and evaluate in the budget at `speed`, keeping SAFETY_MARGIN of
+  the time left: the rest of the steps, every evaluation, and one recompile of the step."""
+  usable_s = (budget_s - elapsed_s) * (1.0 - SAFETY_MARGIN) - speed.compile_seconds
+
+  def seconds(total_steps: int) -> float:
+    evaluations = evaluation_count(total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=eval_every_epochs)
+    return (total_steps - step) * speed.seconds_per_step + evaluations * eval_batches * speed.seconds_per_eval_batch
+
+  fits, too_many = step + 1, min(max_steps, step + max(1, math.floor(usable_s / speed.seconds_per_step))) + 1
+  while too_many - fits > 1:  # seconds() grows with the steps: bisect for the last count that fits
+    middle = (fits + too_many) // 2
+    fits, too_many = (middle, too_many) if seconds(middle) <= usable_s else (fits, middle)
+  return fits
+
+
+def evaluation_reserve_s(speed: Speed, eval_batches: int) -> float:
+  """Seconds the loop keeps back before the deadline for the last evaluation (half again as
+  long as measured, for a machine that slowed down)."""
+  return 1.5 * eval_batches * speed.seconds_per_eval_batch
