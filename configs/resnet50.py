@@ -27,7 +27,8 @@ def get_config(preset: str = ''):
       # against 35.00% with SGD alone, and 54.12% test in 180 steps, 57.5 minutes (README "runs tried").
       # A checkpoint every 50 steps (~15 minutes) bounds what a crash or kill loses. The time budget
       # trains fewer than 180 steps on a machine too slow to fit them in the hour.
-      cpu={'num_epochs': 1, 'max_steps': 180, 'budget_minutes': 60.0, 'batch_size': 128, 'eval_flip': False, 'checkpoint_every_steps': 50,
+      cpu={'num_epochs': 1, 'max_steps': 180, 'budget_minutes': 60.0, 'batch_size': 128, 'eval_flip': False,
+           'checkpoint_every_steps': 50,
            'optimizer.name': 'muon', 'optimizer.muon_learning_rate': 0.06, 'optimizer.muon_momentum': 0.85,
            'optimizer.learning_rate': 0.1, 'optimizer.momentum': 0.9, 'optimizer.nesterov': True,
            'optimizer.weight_decay': 5e-4, 'optimizer.warmup_epochs': 0.1, 'optimizer.grad_clip_norm': 0.0,

@@ -209,8 +209,10 @@ def free_port() -> int:
 def test_two_processes_match_one_process_with_two_devices(tmp_path, uninterrupted):
   workdir = tmp_path / 'run'
   address = f'127.0.0.1:{free_port()}'
-  processes = [start('launch.py', *RUN_FLAGS, f'--workdir={workdir}', f'--coordinator_address={address}',
-                     '--num_processes=2', f'--process_id={i}', devices=1) for i in range(2)]
+  # With a time budget the whole run fits in: both processes follow process 0's plan and clock.
+  processes = [start('launch.py', *RUN_FLAGS, '--config.budget_minutes=60', f'--workdir={workdir}',
+                     f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}', devices=1)
+               for i in range(2)]
   try:
     outputs = [p.communicate(timeout=300) for p in processes]
   finally:
@@ -220,6 +222,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path, uninterrupte
     assert process.returncode == 0, f'process {process_id}:\n{stderr[-3000:]}'
   history = loop.read_history(workdir)
   assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]  # written once, by process 0
+  assert {r['planned_steps'] for r in history} == {42}
   reference = evaluate(str(uninterrupted), 'latest', 'val')
   result = evaluate(str(workdir), 'latest', 'val')
   assert result['examples'] == reference['examples'] == 64

@@ -18,6 +18,10 @@ PROBE_LAST_STEP = 23
 # The plan leaves this fraction of the time left unused: the speed of a shared machine drifts by
 # a few per cent within an hour. Should it drift further, the loop stops at the deadline anyway.
 SAFETY_MARGIN = 0.03
+# Seconds a run needs at its deadline besides its last evaluation's batches: the steps the host
+# dispatched ahead of the device (up to loop.MAX_SECONDS_AHEAD), the evaluation's input pipeline
+# starting, the checkpoint. Without it a run that met its deadline ended 1 s past a 30-minute budget.
+DEADLINE_SLACK_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,6 @@ def steps_in_budget(*, budget_s: float, elapsed_s: float, step: int, speed: Spee
 
 
 def evaluation_reserve_s(speed: Speed, eval_batches: int) -> float:
-  """Seconds the loop keeps back before the deadline for the last evaluation (half again as
-  long as measured, for a machine that slowed down)."""
-  return 1.5 * eval_batches * speed.seconds_per_eval_batch
+  """Seconds the loop keeps back before the deadline for the last evaluation: its batches half
+  again as long as measured (for a machine that slowed down), and DEADLINE_SLACK_S."""
+  return 1.5 * eval_batches * speed.seconds_per_eval_batch + DEADLINE_SLACK_S

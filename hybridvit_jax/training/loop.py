@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
@@ -230,8 +231,9 @@ class BudgetProbe:
     return step == self.last_step
 
   def speed(self, seconds_per_eval_batch: float) -> budget.Speed:
+    timed_steps = self.last_step - self.first_step
     return budget.Speed(
-        seconds_per_step=(self.times[self.last_step] - self.times[self.first_step]) / (self.last_step - self.first_step),
+        seconds_per_step=(self.times[self.last_step] - self.times[self.first_step]) / timed_steps,
         seconds_per_eval_batch=seconds_per_eval_batch,
         compile_seconds=self.times[self.compiled_step] - self.start_time)
 
@@ -243,6 +245,8 @@ def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step:
       budget_s=config.budget_minutes * 60.0, elapsed_s=elapsed_s, step=step, speed=speed,
       max_steps=max_total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=config.eval_every_epochs,
       eval_batches=eval_batches)
+  if jax.process_count() > 1:  # every process follows process 0's plan
+    total_steps = int(multihost_utils.broadcast_one_to_all(np.int32(total_steps)))
   evaluations = budget.evaluation_count(total_steps, steps_per_epoch=steps_per_epoch,
                                         eval_every_epochs=config.eval_every_epochs)
   logging.info('time budget of %g minutes: %d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluations '
@@ -250,6 +254,16 @@ def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step:
                total_steps / steps_per_epoch, max_total_steps, 1e3 * speed.seconds_per_step, evaluations,
                eval_batches, 1e3 * speed.seconds_per_eval_batch, speed.compile_seconds)
   return total_steps
+
+
+def deadline_reached(elapsed_s: float, deadline_s: float, *, step: int, log_every_steps: int) -> bool:
+  """Whether a budgeted run must end at `step`. With several processes, process 0's clock decides,
+  at log steps only (one collective each), so that all of them end at the same step."""
+  if jax.process_count() == 1:
+    return elapsed_s >= deadline_s
+  if step % log_every_steps:
+    return False
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(elapsed_s >= deadline_s)))
 
 
 # ---------------------------------------------------------------------------------- train
@@ -328,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_batches = (2 if config.ema_decay else 1) * sum(
       math.ceil(stream.num_examples(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
       for split in eval_sources)
-  evaluation_reserve_s = meta.get('evaluation_reserve_s', 0.0)
+  evaluation_reserve_s = meta.get('evaluation_reserve_s', budget.DEADLINE_SLACK_S)
 
   # -- loop.
   stop = StopRequest()
@@ -363,7 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
                                               total_steps=total_steps)
             hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
-        if budget_s and step < total_steps and time.time() - session_start >= budget_s - evaluation_reserve_s:
+        if budget_s and step < total_steps and deadline_reached(
+            time.time() - session_start, budget_s - evaluation_reserve_s, step=step,
+            log_every_steps=config.log_every_steps):
           logging.warning('time budget of %g minutes reached at step %d of the %d planned: ending the run here',
                           config.budget_minutes, step, total_steps)
           total_steps = epoch_end = step
