@@ -336,12 +336,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # -- time budget: the steps that fit are planned from the first steps' speed (budget.py); at
   # the deadline (the budget less the last evaluation) the run ends wherever it is.
   budget_s = config.budget_minutes * 60.0
-  probe = None
+  probe, eval_batches = None, 0
   if budget_s and 'planned_steps' not in meta and start_step + budget.PROBE_LAST_STEP < total_steps:
     probe = BudgetProbe(start_step)
-  eval_batches = (2 if config.ema_decay else 1) * sum(
-      math.ceil(stream.num_examples(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
-      for split in eval_sources)
+    eval_batches = (2 if config.ema_decay else 1) * sum(  # what one evaluation runs, for the plan
+        math.ceil(stream.num_examples(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
+        for split in eval_sources)
   evaluation_reserve_s = meta.get('evaluation_reserve_s', budget.DEADLINE_SLACK_S)
 
   # -- loop.
