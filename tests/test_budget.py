@@ -1,5 +1,8 @@
 """budget_minutes: the planned step count, the deadline, and a resumed run keeping its plan."""
+import types
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -54,7 +57,8 @@ def test_budgeted_run_is_the_run_of_its_planned_steps_and_a_resumed_one_keeps_th
   monkeypatch.setattr(budget, 'steps_in_budget', lambda **kwargs: planned.append(kwargs) or 30)
   workdir = tmp_path / 'budgeted'
   record = loop.train_and_evaluate(budget_config(), workdir)
-  assert (len(planned), planned[0]['step'], planned[0]['max_steps']) == (1, budget.PROBE_LAST_STEP, 42)
+  # Planned after the probe's steps, then again at the evaluation after epoch 4 (the same plan).
+  assert [(plan['step'], plan['max_steps']) for plan in planned] == [(budget.PROBE_LAST_STEP, 42), (28, 42)]
   assert 0 < planned[0]['speed'].seconds_per_step < planned[0]['speed'].compile_seconds
   assert (record['step'], record['planned_steps']) == (30, 30)
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(reference))
@@ -64,8 +68,51 @@ def test_budgeted_run_is_the_run_of_its_planned_steps_and_a_resumed_one_keeps_th
   import shutil  # pylint: disable=import-outside-toplevel
   shutil.rmtree(last)
   record = loop.train_and_evaluate(budget_config(), workdir)
-  assert (len(planned), record['step'], record['planned_steps']) == (1, 30, 30)
+  assert (len(planned), record['step'], record['planned_steps']) == (2, 30, 30)
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(reference))
+
+
+def test_a_new_plan_replaces_the_schedule_only_when_it_moves_the_end_by_more_than_the_minimum():
+  # At step 100 of a 1,100-step plan: 1,000 steps left, so changes of more than 20 steps count...
+  replanned = lambda new_plan, speed: budget.replanned_steps(1100, new_plan, step=100, speed=speed)
+  fast_compile = budget.Speed(seconds_per_step=0.5, seconds_per_eval_batch=1.0, compile_seconds=1.0)
+  assert [replanned(new_plan, fast_compile) for new_plan in (1080, 1120, 1079, 1121, 900)] == [
+      1100, 1100, 1079, 1121, 900]
+  # ... and, with a compile of 10 s, more than the 40 steps of two compiles.
+  assert [replanned(new_plan, SPEED) for new_plan in (1079, 1140, 1059, 1141)] == [1100, 1100, 1059, 1141]
+
+
+def test_step_timer_leaves_out_the_first_step_after_a_plan_and_the_evaluations():
+  now = [100.0]
+  timer = loop.StepTimer(clock=lambda: now[0])
+  state = types.SimpleNamespace(step=jnp.int32(0))
+  timer.after_step(state, 5)  # starts here: the step that brought the run to 5 compiled
+  now[0] += 10.0
+  timer.after_step(state, 15)
+  timer.pause(4.0)  # an evaluation
+  assert timer.seconds_per_step(15) == pytest.approx(0.6)
+  assert timer.seconds_per_step(5) is None
+  timer.restart()
+  assert timer.seconds_per_step(15) is None
+
+
+def test_plan_at_an_evaluation_moves_the_end_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+  plans = iter([30, 35])  # the probe's plan, then the one at the evaluation after epoch 4
+  monkeypatch.setattr(budget, 'steps_in_budget', lambda **kwargs: next(plans, 35))
+  monkeypatch.setattr(budget, 'REPLAN_MIN_COMPILES', 0)  # 5 steps of a smoke run take less than its compile
+  workdir = tmp_path / 'replanned'
+  record = loop.train_and_evaluate(budget_config(), workdir)
+  assert (record['step'], record['planned_steps']) == (35, 35)
+  history = loop.read_history(workdir)
+  assert [(r['step'], r['planned_steps']) for r in history] == [(7, 42), (14, 42), (21, 42), (28, 35), (35, 35)]
+
+  # Lose the last checkpoint: the rerun resumes at step 28 with the plan of 35 steps it had there.
+  first = final_params(workdir)
+  (last,) = [p for p in (workdir / 'checkpoints' / 'latest').iterdir() if p.name == '35']
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(last)
+  assert loop.train_and_evaluate(budget_config(), workdir)['step'] == 35
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), first)
 
 
 def test_run_ends_with_an_evaluation_at_the_deadline(tmp_path):

@@ -4,8 +4,10 @@ this machine, so that "train for 30 minutes" means the same thing on a fast hour
 The loop times the run's own first steps (after the compile) and one evaluation batch, then
 `steps_in_budget` returns the most steps whose training, evaluations and the recompile of the
 step for the planned schedule fit in what is left of the budget, with `SAFETY_MARGIN` to spare.
-The plan is kept in every checkpoint, so a resumed run follows the schedule it started with.
-Pure functions only: the clock is read in the loop.
+At every evaluation the loop plans again from the speed since the last plan (a shared machine's
+speed drifts within a run) and takes the new plan when `replanned_steps` says it moves the end
+far enough to be worth a recompile. The plan is kept in every checkpoint, so a resumed run
+follows the schedule it had. Pure functions only: the clock is read in the loop.
 """
 import dataclasses
 import math
@@ -16,12 +18,19 @@ import math
 PROBE_FIRST_STEP = 3
 PROBE_LAST_STEP = 23
 # The plan leaves this fraction of the time left unused: the speed of a shared machine drifts by
-# a few per cent within an hour. Should it drift further, the loop stops at the deadline anyway.
-SAFETY_MARGIN = 0.03
+# a few per cent within an hour. The plans made at the evaluations follow the drift, and should
+# the machine slow down after the last of them, the loop stops at the deadline anyway.
+SAFETY_MARGIN = 0.015
 # Seconds a run needs at its deadline besides its last evaluation's batches: the steps the host
 # dispatched ahead of the device (up to loop.MAX_SECONDS_AHEAD), the evaluation's input pipeline
 # starting, the checkpoint. Without it a run that met its deadline ended 1 s past a 30-minute budget.
 DEADLINE_SLACK_S = 10.0
+# A plan made at an evaluation replaces the schedule only when it moves the run's end by more than
+# this fraction of the steps left and by more than the steps of REPLAN_MIN_COMPILES compiles:
+# smaller changes are not worth a recompile and a learning-rate schedule that changes under the
+# run (the deadline still ends a run that is slower than planned).
+REPLAN_MIN_CHANGE = 0.02
+REPLAN_MIN_COMPILES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +70,12 @@ def evaluation_reserve_s(speed: Speed, eval_batches: int) -> float:
   """Seconds the loop keeps back before the deadline for the last evaluation: its batches half
   again as long as measured (for a machine that slowed down), and DEADLINE_SLACK_S."""
   return 1.5 * eval_batches * speed.seconds_per_eval_batch + DEADLINE_SLACK_S
+
+
+def replanned_steps(planned_steps: int, new_plan: int, *, step: int, speed: Speed) -> int:
+  """The run's total steps after a plan made at `step` at `speed`: `new_plan` when it moves the
+  end of `planned_steps` by more than REPLAN_MIN_CHANGE of the steps left and more than
+  REPLAN_MIN_COMPILES compiles' worth of steps, else `planned_steps`."""
+  min_change = max(REPLAN_MIN_CHANGE * (planned_steps - step),
+                   REPLAN_MIN_COMPILES * speed.compile_seconds / speed.seconds_per_step)
+  return new_plan if abs(new_plan - planned_steps) > min_change else planned_steps

@@ -238,22 +238,59 @@ class BudgetProbe:
         compile_seconds=self.times[self.compiled_step] - self.start_time)
 
 
+class StepTimer:
+  """Seconds a training step since the run's plan was last made (or this session started): from
+  the first step done after it (a recompile is not counted), less the evaluations between."""
+
+  def __init__(self, *, clock=time.time):
+    self._clock = clock
+    self.restart()
+
+  def restart(self) -> None:
+    self.start_step, self.start_time, self.paused_s = None, 0.0, 0.0
+
+  def after_step(self, state: TrainState, step: int) -> None:
+    """Called after dispatching the step that brings the run to `step`; starts the timer (waiting
+    for that step) if it is not running."""
+    if self.start_step is None:
+      jax.block_until_ready(state.step)
+      self.start_step, self.start_time = step, self._clock()
+
+  def pause(self, seconds: float) -> None:
+    """Leaves out `seconds` spent on something other than training steps (an evaluation)."""
+    if self.start_step is not None:
+      self.paused_s += seconds
+
+  def seconds_per_step(self, step: int) -> float | None:
+    """Mean seconds a step from the start to `step` (all done), None before a step was timed."""
+    if self.start_step is None or step <= self.start_step:
+      return None
+    return (self._clock() - self.start_time - self.paused_s) / (step - self.start_step)
+
+
 def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step: int, elapsed_s: float,
-                max_total_steps: int, steps_per_epoch: int, eval_batches: int) -> int:
-  """The run's total steps under its time budget at the measured `speed` (logged in one line)."""
-  total_steps = budget.steps_in_budget(
+                max_total_steps: int, steps_per_epoch: int, eval_batches: int,
+                planned_steps: int | None = None) -> int:
+  """The run's total steps under its time budget at the measured `speed`: the first plan
+  (`planned_steps` None), or at an evaluation the new plan where budget.replanned_steps takes it
+  over `planned_steps`. A plan made or changed is logged in one line."""
+  new_plan = budget.steps_in_budget(
       budget_s=config.budget_minutes * 60.0, elapsed_s=elapsed_s, step=step, speed=speed,
       max_steps=max_total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=config.eval_every_epochs,
       eval_batches=eval_batches)
   if jax.process_count() > 1:  # every process follows process 0's plan
-    total_steps = int(multihost_utils.broadcast_one_to_all(np.int32(total_steps)))
-  evaluations = budget.evaluation_count(total_steps, steps_per_epoch=steps_per_epoch,
+    new_plan = int(multihost_utils.broadcast_one_to_all(np.int32(new_plan)))
+  if planned_steps is not None:
+    if budget.replanned_steps(planned_steps, new_plan, step=step, speed=speed) == planned_steps:
+      return planned_steps
+  evaluations = budget.evaluation_count(new_plan, steps_per_epoch=steps_per_epoch,
                                         eval_every_epochs=config.eval_every_epochs)
-  logging.info('time budget of %g minutes: %d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluations '
-               'of %d batches at %.0f ms a batch, %.1f s a compile', config.budget_minutes, total_steps,
-               total_steps / steps_per_epoch, max_total_steps, 1e3 * speed.seconds_per_step, evaluations,
+  logging.info('time budget of %g minutes: %s%d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluations '
+               'of %d batches at %.0f ms a batch, %.1f s a compile', config.budget_minutes,
+               '' if planned_steps is None else f're-planned at step {step} ({elapsed_s:.0f} s) from {planned_steps} to ',
+               new_plan, new_plan / steps_per_epoch, max_total_steps, 1e3 * speed.seconds_per_step, evaluations,
                eval_batches, 1e3 * speed.seconds_per_eval_batch, speed.compile_seconds)
-  return total_steps
+  return new_plan
 
 
 def deadline_reached(elapsed_s: float, deadline_s: float, *, step: int, log_every_steps: int) -> bool:
@@ -333,15 +370,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  meta['epochs_without_improvement'])
     total_steps = start_step
 
-  # -- time budget: the steps that fit are planned from the first steps' speed (budget.py); at
-  # the deadline (the budget less the last evaluation) the run ends wherever it is.
+  # -- time budget: the steps that fit are planned from the first steps' speed and again at every
+  # evaluation from the speed since (budget.py); at the deadline (the budget less the last
+  # evaluation) the run ends wherever it is.
   budget_s = config.budget_minutes * 60.0
-  probe, eval_batches = None, 0
-  if budget_s and 'planned_steps' not in meta and start_step + budget.PROBE_LAST_STEP < total_steps:
-    probe = BudgetProbe(start_step)
-    eval_batches = (2 if config.ema_decay else 1) * sum(  # what one evaluation runs, for the plan
+  probe, eval_batches, step_timer = None, 0, StepTimer()
+  if budget_s:
+    eval_batches = (2 if config.ema_decay else 1) * sum(  # what one evaluation runs, for the plans
         math.ceil(stream.num_examples(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
         for split in eval_sources)
+    if 'planned_steps' not in meta and start_step + budget.PROBE_LAST_STEP < total_steps:
+      probe = BudgetProbe(start_step)
   evaluation_reserve_s = meta.get('evaluation_reserve_s', budget.DEADLINE_SLACK_S)
 
   # -- loop.
@@ -369,14 +408,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
                                       eval_batches=eval_batches)
           evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
-          meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s}
+          meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s,
+                  'compile_seconds': speed.compile_seconds}
           probe = None
+          step_timer.restart()
           if planned_steps != total_steps:  # the schedule's length changes: a new step to compile
             total_steps = planned_steps
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
             _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
                                               total_steps=total_steps)
             hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+        elif budget_s and 'planned_steps' in meta:
+          step_timer.after_step(state, step)
         if budget_s and step < total_steps and deadline_reached(
             time.time() - session_start, budget_s - evaluation_reserve_s, step=step,
             log_every_steps=config.log_every_steps):
@@ -405,9 +448,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_result = {k: float(v) for k, v in metrics.compute().items()}
       train_seconds = time.time() - epoch_start
       evaluated = {'': state, 'ema_': state.replace(params=state.ema_params)} if config.ema_decay else {'': state}
+      evaluation_start = time.time()  # the steps are done: check_finite waited for them
       results = {f'{weights}{name}': evaluate_split(eval_step, weights_state, batches(),
                                                     batch_size=config.eval_batch_size, mesh=mesh)
                  for weights, weights_state in evaluated.items() for name, batches in eval_sources.items()}
+      step_timer.pause(time.time() - evaluation_start)
+      seconds_per_step = step_timer.seconds_per_step(step)
+      if budget_s and 'planned_steps' in meta and step < total_steps and seconds_per_step is not None:
+        speed = budget.Speed(seconds_per_step=seconds_per_step,
+                             seconds_per_eval_batch=(time.time() - evaluation_start) / max(eval_batches, 1),
+                             compile_seconds=meta.get('compile_seconds', 0.0))
+        planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
+                                    max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
+                                    eval_batches=eval_batches, planned_steps=total_steps)
+        evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
+        meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s}
+        if planned_steps != total_steps:  # the run ends elsewhere: a new step to compile
+          total_steps = planned_steps
+          _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
+                                            total_steps=total_steps)
+          hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+          step_timer.restart()
       record = {
           'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
           'step': step,
