@@ -45,6 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1  # evaluate (and record in history.jsonl) every n-th epoch and at the end
   config.nan_policy = 'stop'
   config.ema_decay = 0.0  # exponential moving average of the weights, evaluated too; 0 = off
+  # Lookahead (airbench's): every lookahead_every_steps steps the slow weights (parameters and
+  # BatchNorm statistics) move to the trained ones by 1 - d and the trained ones are set to them,
+  # d = lookahead_decay * (step / total steps)**3; the last step leaves the trained weights at the
+  # slow ones. 0 = off.
+  config.lookahead_decay = 0.0
+  config.lookahead_every_steps = 5
   config.eval_flip = False  # test-time augmentation: average the logits of the image and its mirror
   config.eval_translate = 0  # test-time augmentation: n > 0 adds views shifted n pixels (weights 1/2, 1/4, 1/4)
 
@@ -123,14 +129,17 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
              image_shape: tuple[int, int, int] | None = None) -> None:
   """Raises ConfigError naming the first invalid key; `image_shape` enables the model checks."""
   for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
-              'eval_every_epochs'):
+              'eval_every_epochs', 'lookahead_every_steps'):
     _require_positive(config, key)
   for key in ('max_steps', 'budget_minutes', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding', 'eval_translate'):
     _require_positive(config, key, allow_zero=True)
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % device_count:
       _fail(key, config[key], f'must be divisible by the {device_count} devices')
-  for key in ('label_smoothing', 'ema_decay', 'data.random_erasing'):
+  if config.ema_decay and config.lookahead_decay:
+    _fail('lookahead_decay', config.lookahead_decay, 'lookahead keeps its slow weights where ema_decay keeps '
+          'its average: set one of lookahead_decay and ema_decay to 0')
+  for key in ('label_smoothing', 'ema_decay', 'lookahead_decay', 'data.random_erasing'):
     if not 0.0 <= _lookup(config, key) < 1.0 + (key == 'data.random_erasing'):
       _fail(key, _lookup(config, key), 'expected a value in [0, 1)' if key != 'data.random_erasing' else '[0, 1]')
   for key in ('data.randaugment_num_ops', 'data.randaugment_magnitude', 'data.mixup_alpha',

@@ -175,6 +175,7 @@ BAD_OVERRIDES = {
     '--config.optimizer.learning_rate=-0.1': 'optimizer.learning_rate',
     '--config.data.val_split=valid': 'data.val_split',
     '--config.nan_policy=ignore': 'nan_policy',
+    '--config.lookahead_decay=1.5': 'lookahead_decay',
     '--config.no_such_key=1': 'no_such_key',
 }
 

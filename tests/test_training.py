@@ -16,6 +16,7 @@ from hybridvit_jax import evaluate as evaluate_lib
 from hybridvit_jax.models import layers
 from hybridvit_jax.training import inputs, loop, steps, optimizer as optimizer_lib
 from hybridvit_jax.training.metrics import ClassificationMetrics
+from hybridvit_jax.training.state import TrainState
 
 
 def test_weight_decay_mask_spares_norms_biases_and_embeddings():
@@ -286,3 +287,40 @@ def test_fresh_run_fits_the_whitening_kernel_to_training_images_and_training_kee
   assert first_images.shape == (448, 32, 32, 3)  # the whole smoke split: fewer than FIT_EXAMPLES
   expected = layers.patch_whitening_kernel(steps.prepare_images(first_images, config.data), 2)
   np.testing.assert_allclose(state.model_state['stem']['whitening']['kernel'], expected, atol=1e-3)
+
+
+def lookahead_state(step: int, *, trained: float, slow: float) -> TrainState:
+  return TrainState(step=jnp.int32(step), params={'w': jnp.float32(trained)},
+                    model_state={'mean': jnp.float32(trained), 'count': jnp.int32(7)}, opt_state=(),
+                    first_nonfinite_step=jnp.int32(-1),
+                    ema_params={'params': {'w': jnp.float32(slow)},
+                                'model_state': {'mean': jnp.float32(slow), 'count': jnp.int32(3)}})
+
+
+def test_lookahead_pulls_weights_and_batch_norm_statistics_to_the_slow_ones_every_n_steps():
+  pull = functools.partial(steps.lookahead, total_steps=10, peak_decay=0.8, every_steps=5)
+  values = lambda state: (float(state.params['w']), float(state.model_state['mean']),
+                          float(state.ema_params['params']['w']), float(state.ema_params['model_state']['mean']))
+  assert values(pull(lookahead_state(7, trained=2.0, slow=1.0))) == (2.0, 2.0, 1.0, 1.0)  # not a pull step
+  # Step 5 of 10: d = 0.8 * 0.5**3 = 0.1, slow = 0.1 * 1 + 0.9 * 2 = 1.9, and the trained weights become it.
+  assert values(pull(lookahead_state(5, trained=2.0, slow=1.0))) == pytest.approx((1.9,) * 4)
+  # The last step: d = 1, the run ends on the slow weights; integer state is left as trained.
+  state = pull(lookahead_state(10, trained=2.0, slow=1.0))
+  assert values(state) == (1.0,) * 4 and int(state.model_state['count']) == 7
+
+
+def test_lookahead_run_starts_its_slow_weights_fitted_and_ends_on_them(tmp_path):
+  config = smoke_config(num_epochs=1, lookahead_decay=0.8, lookahead_every_steps=2)
+  config.model.update({'name': 'hybrid', 'stem_layers': 2, 'stem_channels': (8, 16), 'stem_pools': (True,),
+                       'patch_size': 2, 'stem_whiten_patch_size': 2})
+  loop.train_and_evaluate(config, tmp_path)
+  _, _, _, state, _ = evaluate_lib.restore_run(tmp_path, 'latest')
+  slow = state.ema_params
+  jax.tree.map(np.testing.assert_array_equal, (state.params, state.model_state), (slow['params'], slow['model_state']))
+  assert float(jnp.abs(state.model_state['stem']['whitening']['kernel']).max()) > 0  # fitted, not the zeros
+
+
+def test_lookahead_and_ema_cannot_share_the_slow_weights():
+  config = smoke_config(lookahead_decay=0.8, ema_decay=0.9)
+  with pytest.raises(configuration.ConfigError, match='lookahead_decay'):
+    configuration.validate(config, device_count=1, image_shape=(32, 32, 3))

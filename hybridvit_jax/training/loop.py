@@ -93,13 +93,14 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   graphdef = model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
   replicated = NamedSharding(mesh, P())
   init = functools.partial(init_train_state, config.model, optimizer, num_classes=info.num_classes,
-                           image_shape=info.image_shape, seed=config.seed, keep_ema=bool(config.ema_decay))
+                           image_shape=info.image_shape, seed=config.seed, keep_ema=bool(config.ema_decay),
+                           keep_slow_weights=bool(config.lookahead_decay))
   init_state = jax.jit(init, out_shardings=replicated)
   step_on_inputs = steps.train_step_on_device_data if config.data.input_mode == 'device' else steps.train_step
   train_step = jax.jit(
       functools.partial(step_on_inputs, graphdef=graphdef, optimizer=optimizer,
                         seed_key=steps.training_seed_key(config.seed),
-                        num_classes=info.num_classes, config=config),
+                        num_classes=info.num_classes, config=config, total_steps=total_steps),
       out_shardings=replicated, donate_argnums=(0, 1))
   eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, config=config),
                       out_shardings=replicated, donate_argnums=(1,))

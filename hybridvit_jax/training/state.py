@@ -19,7 +19,8 @@ class TrainState:
   opt_state: the optax state for `params` (optax.apply_if_finite counts skipped updates).
   first_nonfinite_step: int32 scalar, the first step whose loss or gradients were not
     finite (its update was skipped), or -1.
-  ema_params: the exponential moving average of `params` ({} when config.ema_decay is 0).
+  ema_params: the exponential moving average of `params` (config.ema_decay), or with lookahead
+    (config.lookahead_decay) the slow weights {'params': ..., 'model_state': ...}; else {}.
   """
   step: jax.Array
   params: dict
@@ -40,13 +41,17 @@ def model_graphdef(model_config: ml_collections.ConfigDict, *, num_classes: int,
 
 def init_train_state(model_config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
                      *, num_classes: int, image_shape: tuple[int, int, int], seed: int,
-                     keep_ema: bool = False) -> TrainState:
+                     keep_ema: bool = False, keep_slow_weights: bool = False) -> TrainState:
   """A fresh state; pure, so it can run under jax.jit with replicated out_shardings."""
   model = models.create_model(model_config, num_classes=num_classes, image_shape=image_shape,
                               rngs=nnx.Rngs(seed))
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=nnx.to_pure_dict(model_state), opt_state=optimizer.init(params),
-                    first_nonfinite_step=jnp.full((), -1, jnp.int32),
-                    ema_params=jax.tree.map(jnp.copy, params) if keep_ema else {})
+  params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+  ema_params = {}
+  if keep_ema:
+    ema_params = jax.tree.map(jnp.copy, params)
+  elif keep_slow_weights:
+    ema_params = jax.tree.map(jnp.copy, {'params': params, 'model_state': model_state})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=optimizer.init(params), first_nonfinite_step=jnp.full((), -1, jnp.int32),
+                    ema_params=ema_params)

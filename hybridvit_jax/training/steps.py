@@ -67,7 +67,31 @@ def fit_to_data(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
   kernel) set from uint8 training images [N, H, W, C]; parameters are unchanged."""
   model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
   model.fit_to_images(prepare_images(images, data_config))
-  return state.replace(model_state=nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+  model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+  if 'model_state' in state.ema_params:  # lookahead's slow weights start as the fitted model too
+    return state.replace(model_state=model_state,
+                         ema_params={**state.ema_params, 'model_state': jax.tree.map(jnp.copy, model_state)})
+  return state.replace(model_state=model_state)
+
+
+def lookahead(state: TrainState, *, total_steps: int, peak_decay: float, every_steps: int) -> TrainState:
+  """airbench's Lookahead after the update that brought the run to `state.step`: every
+  `every_steps` steps the slow weights (state.ema_params: {'params', 'model_state'}, parameters and
+  BatchNorm statistics) become d * slow + (1 - d) * trained and the trained ones are set to them,
+  d = peak_decay * (step / total_steps)**3 (no pull early on, the strongest at the end); at
+  `total_steps` d = 1: the run ends on the slow weights. Integer leaves are left as trained."""
+  step = state.step
+  decay = jnp.where(step >= total_steps, 1.0, peak_decay * (step / total_steps) ** 3)
+  pull = (step % every_steps == 0) | (step >= total_steps)
+  trained = {'params': state.params, 'model_state': state.model_state}
+
+  def pulled(slow, fast):
+    if not jnp.issubdtype(fast.dtype, jnp.floating):
+      return fast
+    return jnp.where(pull, (decay * slow + (1.0 - decay) * fast).astype(fast.dtype), slow)
+  slow = jax.tree.map(pulled, state.ema_params, trained)
+  new_trained = jax.tree.map(lambda s, fast: jnp.where(pull, s, fast), slow, trained)
+  return state.replace(params=new_trained['params'], model_state=new_trained['model_state'], ema_params=slow)
 
 
 def training_seed_key(seed: int) -> jax.Array:
@@ -96,10 +120,11 @@ def batch_of_step(train_images: jax.Array, train_labels: jax.Array, epoch_order:
 
 def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
                flips: jax.Array | None = None, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               seed_key: jax.Array, num_classes: int, config: ml_collections.ConfigDict,
+               seed_key: jax.Array, num_classes: int, config: ml_collections.ConfigDict, total_steps: int,
                ) -> tuple[TrainState, ClassificationMetrics]:
   """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B]; flips bool [B]
-  (optional) are the examples to mirror, in place of the random flip.
+  (optional) are the examples to mirror, in place of the random flip. `total_steps` is the run's
+  length (for lookahead's schedule).
 
   The augmentation and dropout keys are `fold_in(seed_key, step)`, so a resumed run repeats
   exactly what an uninterrupted one would have done.
@@ -126,6 +151,9 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Ar
       model_state=jax.tree.map(lambda new, old: jnp.where(finite, new, old), model_state, state.model_state),
       first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                                      state.first_nonfinite_step))
+  if config.lookahead_decay:
+    new_state = lookahead(new_state, total_steps=total_steps, peak_decay=config.lookahead_decay,
+                          every_steps=config.lookahead_every_steps)
   step_metrics = ClassificationMetrics.single_from_model_output(
       loss=jnp.broadcast_to(loss, labels.shape), logits=logits, labels=labels,
       mask=jnp.broadcast_to(finite, labels.shape))
