@@ -107,6 +107,11 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   return init_state, train_step, eval_step
 
 
+def progress_hooks(writer: metric_writers.MetricWriter, total_steps: int) -> list:
+  """The periodic progress report (steps/s, ETA) of a run of `total_steps`."""
+  return [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+
+
 def fit_to_training_images(state: TrainState, config: ml_collections.ConfigDict, info: data.DatasetInfo,
                            mesh: jax.sharding.Mesh, train_input: inputs.TrainInput) -> TrainState:
   """A fresh state with the model's data-fitted parts (patch whitening) set from the first
@@ -364,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                          for k, v in configuration.flatten(config.to_dict()).items()})
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+  hooks = progress_hooks(writer, total_steps)
 
   if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
     logging.info('this run stopped early (no better val_accuracy for %d epochs): nothing to train',
@@ -418,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
             _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
                                               total_steps=total_steps)
-            hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+            hooks = progress_hooks(writer, total_steps)
         elif budget_s and 'planned_steps' in meta:
           step_timer.after_step(state, step)
         if budget_s and step < total_steps and deadline_reached(
@@ -453,11 +458,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       results = {f'{weights}{name}': evaluate_split(eval_step, weights_state, batches(),
                                                     batch_size=config.eval_batch_size, mesh=mesh)
                  for weights, weights_state in evaluated.items() for name, batches in eval_sources.items()}
-      step_timer.pause(time.time() - evaluation_start)
+      evaluation_s = time.time() - evaluation_start
+      step_timer.pause(evaluation_s)
       seconds_per_step = step_timer.seconds_per_step(step)
       if budget_s and 'planned_steps' in meta and step < total_steps and seconds_per_step is not None:
         speed = budget.Speed(seconds_per_step=seconds_per_step,
-                             seconds_per_eval_batch=(time.time() - evaluation_start) / max(eval_batches, 1),
+                             seconds_per_eval_batch=evaluation_s / max(eval_batches, 1),
                              compile_seconds=meta.get('compile_seconds', 0.0))
         planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
                                     max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
@@ -468,7 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           total_steps = planned_steps
           _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
                                             total_steps=total_steps)
-          hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+          hooks = progress_hooks(writer, total_steps)
           step_timer.restart()
       record = {
           'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
