@@ -9,6 +9,7 @@ import pathlib
 
 import ml_collections
 
+from hybridvit_jax import data
 from hybridvit_jax import models
 
 RUN_CONFIG_FILE = 'config.json'
@@ -65,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 50_000  # examples, for the stream mode's shuffle
   config.data.mean = (0.4914, 0.4822, 0.4465)  # per channel, of pixels scaled to [0, 1]
   config.data.std = (0.2470, 0.2435, 0.2616)
-  config.data.crop_padding = 4  # random crop after zero padding; 0 = off
+  config.data.crop_padding = 4  # random crop after padding; 0 = off
+  config.data.crop_padding_mode = 'constant'  # the padding of crops and test-time shifts: 'constant' (zeros) | 'reflect'
   config.data.flip = True  # random horizontal flip
   config.data.alternate_flip = False  # with flip: mirror each image in every other epoch, not at random
   config.data.randaugment_num_ops = 0  # RandAugment ops per image; 0 = off
@@ -94,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.muon_learning_rate = 0.24  # peak; the schedule's shape is learning_rate's
   config.optimizer.muon_momentum = 0.6  # Nesterov
   config.optimizer.muon_all_matrices = False  # Muon on the other matrices too (not the head's)
+  # The BatchNorm biases' learning rate, as a factor of learning_rate (airbench's bias_scaler)
+  config.optimizer.batch_norm_bias_learning_rate_factor = 1.0
   config.optimizer.grad_clip_norm = 1.0  # global norm; 0 = off
 
   config.lock()
@@ -147,6 +151,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
     _require_positive(config, key, allow_zero=True)
   _require_choice(config, 'nan_policy', NAN_POLICIES)
   _require_choice(config, 'data.input_mode', INPUT_MODES)
+  _require_choice(config, 'data.crop_padding_mode', data.PADDING_MODES)
   if config.data.alternate_flip and not (config.data.flip and config.data.input_mode == 'device'):
     _fail('data.alternate_flip', True, 'it needs data.flip=True and data.input_mode=device (the step '
           'must know each example\'s index); set it to False')
@@ -161,6 +166,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
               'optimizer.end_learning_rate_factor'):
     _require_positive(config, key, allow_zero=True)
   _require_positive(config, 'optimizer.muon_learning_rate')
+  _require_positive(config, 'optimizer.batch_norm_bias_learning_rate_factor')
   for key in ('b1', 'b2', 'momentum', 'muon_momentum'):
     if not 0.0 <= opt[key] < 1.0:
       _fail(f'optimizer.{key}', opt[key], 'expected a value in [0, 1)')

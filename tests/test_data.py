@@ -307,6 +307,28 @@ def test_translate_shifts_content_and_fills_zeros():
   assert not up_left[3].any() and not up_left[:, 3].any()
 
 
+def test_translate_with_reflect_padding_fills_with_the_mirrored_image():
+  image = np.arange(1, 17, dtype=np.uint8).reshape(1, 4, 4, 1)
+  down_right = np.asarray(data.translate(jnp.asarray(image), 1, 2, 'reflect'))[0, ..., 0]
+  np.testing.assert_array_equal(down_right[1:, 2:], image[0, :3, :2, 0])
+  np.testing.assert_array_equal(down_right[0, 2:], image[0, 1, :2, 0])  # row 0 mirrors row 1
+  np.testing.assert_array_equal(down_right[1:, :2], image[0, :3, 2:0:-1, 0])  # columns 2, 1 mirrored
+  np.testing.assert_array_equal(data.translate(jnp.asarray(image), 0, 0, 'reflect'), image)
+
+
+def test_reflect_padded_crops_are_windows_of_the_mirrored_image():
+  images = distinct_images()
+  outputs = np.asarray(data.augment(jax.random.key(0), jnp.asarray(images), crop_padding=2, flip=False,
+                                    padding_mode='reflect'))
+  def reflect_offset(output, image):
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode='reflect')
+    return next(((dy, dx) for dy in range(5) for dx in range(5)
+                 if np.array_equal(padded[dy:dy + HEIGHT, dx:dx + WIDTH], output)), None)
+  offsets = [reflect_offset(output, image) for output, image in zip(outputs, images)]
+  assert None not in offsets and len(set(offsets)) > 10
+  assert sum(crop_offset(output, image, 2) is None for output, image in zip(outputs, images)) > BATCH // 2
+
+
 @pytest.mark.parametrize('flip, translate_pixels, num_views',
                          [(False, 0, 1), (True, 0, 2), (False, 1, 3), (True, 2, 6)])
 def test_test_time_views_hold_the_image_its_shifts_and_mirrors_with_weights_summing_to_one(

@@ -100,6 +100,34 @@ def test_muon_takes_the_kernels_batch_norm_follows_and_optionally_the_other_matr
                                   f"{block}['mlp']['fc2']['kernel']"}
 
 
+def test_batch_norm_bias_mask_takes_the_conv_batch_norms_biases_not_layer_norms():
+  from hybridvit_jax import models  # pylint: disable=import-outside-toplevel
+  from configs import hybrid  # pylint: disable=import-outside-toplevel
+  config = hybrid.get_config('cpu')
+  model = nnx.eval_shape(lambda: models.create_model(config.model, 10, (32, 32, 3), nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = optimizer_lib.batch_norm_bias_mask(params)
+  chosen = {jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(mask) if leaf}
+  assert chosen == {f"['stem']['layers'][{i}]['norm']['bias']" for i in range(6)}
+  vit_params = {'norm': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}, 'head': {'kernel': jnp.ones((4, 2))}}
+  assert not any(jax.tree.leaves(optimizer_lib.batch_norm_bias_mask(vit_params)))
+
+
+@pytest.mark.parametrize('name', ['sgd', 'muon'])
+def test_batch_norm_bias_learning_rate_factor_scales_only_those_steps(name):
+  params = _conv_net_params()
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  def first_update(factor):
+    tx = optimizer_lib.make_optimizer(_muon_config(name=name, batch_norm_bias_learning_rate_factor=factor),
+                                      steps_per_epoch=1, total_steps=10)
+    return tx.update(grads, tx.init(params), params)[0]
+  plain, scaled = first_update(1.0), first_update(8.0)
+  np.testing.assert_allclose(plain['stem']['norm']['bias'], -0.1 * 1.9 * grads['stem']['norm']['bias'], rtol=1e-5)
+  np.testing.assert_allclose(scaled['stem']['norm']['bias'], 8.0 * plain['stem']['norm']['bias'], rtol=1e-5)
+  plain['stem']['norm'].pop('bias'), scaled['stem']['norm'].pop('bias')
+  jax.tree.map(np.testing.assert_array_equal, scaled, plain)
+
+
 def test_muon_step_is_orthogonalised_and_scale_free_and_renormalises_the_kernel():
   tx = optimizer_lib.make_optimizer(_muon_config(), steps_per_epoch=1, total_steps=10)
   params = _conv_net_params()
@@ -251,6 +279,37 @@ def test_device_and_stream_modes_yield_the_same_shapes_and_labels():
   for (images, labels), (expected_images, expected_labels) in zip(resumed, stream_batches[4:]):
     np.testing.assert_array_equal(images, expected_images)
     np.testing.assert_array_equal(labels, expected_labels)
+
+
+@pytest.mark.parametrize('padding_mode', ['constant', 'reflect'])
+def test_eval_step_averages_the_logits_of_views_shifted_before_normalisation(padding_mode):
+  config = smoke_config(eval_flip=True, eval_translate=1)
+  config.data.crop_padding_mode = padding_mode
+  mesh = loop.make_mesh()
+  info = data.dataset_info(config.data)
+  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
+  state = init_state()
+  noise = lambda leaf, key: leaf + 0.3 * jax.random.normal(key, leaf.shape)  # off the zero-initialised head
+  keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(state.params)))
+  state = state.replace(params=jax.tree.unflatten(jax.tree.structure(state.params),
+                                                  map(noise, jax.tree.leaves(state.params), keys)))
+  images = jnp.asarray(data.load_split(config.data, config.data.val_split)['image'][:8])
+  labels = jnp.arange(8) % info.num_classes
+  metrics = eval_step(state, ClassificationMetrics.empty(), images, labels, jnp.ones(8, bool)).compute()
+  # the views by hand: uint8 images shifted (zeros are black pixels, as training's crops pad them), then normalised
+  shifted = [images, data.translate(images, -1, -1, padding_mode), data.translate(images, 1, 1, padding_mode)]
+  views = shifted + [view[:, :, ::-1] for view in shifted]
+  graphdef = loop.model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
+  def loss_of(views):
+    logits = [steps.apply_model(graphdef, state.params, state.model_state, view, train=False)[0] for view in views]
+    mean_logits = sum(w * l for w, l in zip([0.25, 0.125, 0.125] * 2, logits))
+    return float(jnp.mean(steps.softmax_cross_entropy(mean_logits, labels)))
+  assert metrics['loss'] == pytest.approx(loss_of([steps.prepare_images(v, config.data) for v in views]), rel=1e-5)
+  if padding_mode == 'constant':  # shifting normalised images would fill with the mean colour instead
+    normalised = steps.prepare_images(images, config.data)
+    shifted_after = [normalised, data.translate(normalised, -1, -1), data.translate(normalised, 1, 1)]
+    assert metrics['loss'] != pytest.approx(loss_of(shifted_after + [v[:, :, ::-1] for v in shifted_after]),
+                                            rel=1e-5)
 
 
 def test_stream_mode_trains_and_evaluates(tmp_path):

@@ -4,6 +4,7 @@ from hybridvit_jax.data.augment import alternating_flips
 from hybridvit_jax.data.augment import augment
 from hybridvit_jax.data.augment import flip_where
 from hybridvit_jax.data.augment import normalize
+from hybridvit_jax.data.augment import PADDING_MODES
 from hybridvit_jax.data.augment import test_time_views
 from hybridvit_jax.data.augment import translate
 from hybridvit_jax.data.recipes import cutout
@@ -18,6 +19,7 @@ from hybridvit_jax.data.source import load_split
 __all__ = [
     'DataError',
     'DatasetInfo',
+    'PADDING_MODES',
     'alternating_flips',
     'augment',
     'cutout',

@@ -9,6 +9,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+# What the padding of random crops and test-time shifts holds: zeros, or the image mirrored at its
+# edges (airbench's).
+PADDING_MODES = ('constant', 'reflect')
+
 
 def normalize(
     images: jax.Array, mean: Sequence[float], std: Sequence[float]
@@ -30,36 +34,41 @@ def normalize(
 
 
 def augment(
-    key: jax.Array, images: jax.Array, *, crop_padding: int, flip: bool
+    key: jax.Array, images: jax.Array, *, crop_padding: int, flip: bool,
+    padding_mode: str = 'constant',
 ) -> jax.Array:
-  """Random crop after zero padding, then random horizontal flip, per example.
+  """Random crop after padding, then random horizontal flip, per example.
 
   Args:
     key: PRNG key; the same key gives the same output.
     images: [B, H, W, C], any dtype.
-    crop_padding: pixels of zeros added on each side before cropping back to
-      H x W at a uniformly random offset; 0 disables cropping. Static.
+    crop_padding: pixels added on each side before cropping back to H x W at
+      a uniformly random offset; 0 disables cropping. Static.
     flip: whether to mirror each example's width axis with probability 0.5.
       Static.
+    padding_mode: what the padding holds (`PADDING_MODES`). Static.
 
   Returns:
     [B, H, W, C], same dtype as `images`.
   """
   crop_key, flip_key = jax.random.split(key)
   if crop_padding > 0:
-    images = random_crop(crop_key, images, crop_padding)
+    images = random_crop(crop_key, images, crop_padding, padding_mode)
   if flip:
     images = random_flip(flip_key, images)
   return images
 
 
-def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
-  """Crops each example at its own random offset from its zero-padded copy.
+def random_crop(key: jax.Array, images: jax.Array, padding: int,
+                padding_mode: str = 'constant') -> jax.Array:
+  """Crops each example at its own random offset from its padded copy.
 
   Args:
     key: PRNG key.
     images: [B, H, W, C].
-    padding: pixels of zeros added on each side of height and width.
+    padding: pixels added on each side of height and width.
+    padding_mode: 'constant' pads with zeros, 'reflect' mirrors the image at
+      its edges (the edge pixel not repeated). Static.
 
   Returns:
     [B, H, W, C], same dtype; example b equals
@@ -67,7 +76,8 @@ def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
   """
   batch_size, height, width, channels = images.shape
   padded = jnp.pad(
-      images, ((0, 0), (padding, padding), (padding, padding), (0, 0))
+      images, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+      mode=padding_mode,
   )
   offsets = jax.random.randint(key, (batch_size, 2), 0, 2 * padding + 1)
 
@@ -116,25 +126,28 @@ def alternating_flips(key: jax.Array, example_indices: jax.Array, epoch: jax.Arr
   return first_epoch ^ (epoch % 2 == 1)
 
 
-def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
-  """Shifts every image down by dy and right by dx pixels (negative: up, left), filling with zeros.
+def translate(images: jax.Array, dy: int, dx: int, padding_mode: str = 'constant') -> jax.Array:
+  """Shifts every image down by dy and right by dx pixels (negative: up, left), filling the
+  uncovered rows and columns as `random_crop` pads, so a shifted view is one of its crops.
 
   Args:
     images: [B, H, W, C].
     dy, dx: static shifts, |dy| < H and |dx| < W.
+    padding_mode: 'constant' fills with zeros, 'reflect' with the image mirrored at its edge.
 
   Returns:
     [B, H, W, C], same dtype; out[b, y, x] = images[b, y - dy, x - dx] where that is inside the
-    image, else 0 (the zero padding `random_crop` crops from, so a shifted view is one of its crops).
+    image, else the fill.
   """
   _, height, width, _ = images.shape
-  padded = jnp.pad(images, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)), mode=padding_mode)
   top, left = abs(dy) - dy, abs(dx) - dx
   return padded[:, top:top + height, left:left + width]
 
 
 def test_time_views(
-    images: jax.Array, *, flip: bool, translate_pixels: int
+    images: jax.Array, *, flip: bool, translate_pixels: int,
+    padding_mode: str = 'constant',
 ) -> tuple[jax.Array, jax.Array]:
   """The views whose logits test-time augmentation averages, stacked on a new leading axis.
 
@@ -142,7 +155,9 @@ def test_time_views(
     images: [B, H, W, C].
     flip: add the mirror image of every view.
     translate_pixels: n > 0 adds the image shifted n pixels up-left and n pixels down-right
-      (zero fill), weighted 1/4 each against 1/2 for the unshifted image; 0 = no shifts.
+      (filled as `padding_mode` says), weighted 1/4 each against 1/2 for the unshifted image;
+      0 = no shifts.
+    padding_mode: the shifts' fill (`translate`).
 
   Returns:
     views [V, B, H, W, C] and their weights float32 [V], which sum to 1.
@@ -150,7 +165,7 @@ def test_time_views(
   views, weights = [images], [1.0]
   if translate_pixels:
     n = translate_pixels
-    views += [translate(images, -n, -n), translate(images, n, n)]
+    views += [translate(images, -n, -n, padding_mode), translate(images, n, n, padding_mode)]
     weights = [0.5, 0.25, 0.25]
   if flip:
     views += [view[:, :, ::-1] for view in views]

@@ -55,6 +55,18 @@ def batch_normed_kernel_mask(params):
   return jax.tree_util.tree_map_with_path(is_batch_normed_kernel, params)
 
 
+def batch_norm_bias_mask(params):
+  """True for the biases of the BatchNorms that follow a conv kernel (`layers.ConvBatchNorm`'s
+  .../norm/bias beside a leaf of `batch_normed_kernel_mask`), not those of LayerNorms."""
+  conv_blocks = {jax.tree_util.keystr(path[:-2])
+                 for path, is_batch_normed in jax.tree_util.tree_leaves_with_path(batch_normed_kernel_mask(params))
+                 if is_batch_normed}
+
+  def is_batch_norm_bias(path, _):
+    return _path_keys(path)[-2:] == ['norm', 'bias'] and jax.tree_util.keystr(path[:-2]) in conv_blocks
+  return jax.tree_util.tree_map_with_path(is_batch_norm_bias, params)
+
+
 def renormalize_kernels() -> optax.GradientTransformation:
   """Adds to each update what first rescales its kernel [kh, kw, in, out] to Frobenius norm
   sqrt(out): with it, parameter + update = rescaled parameter + the incoming update (airbench's
@@ -109,8 +121,9 @@ def muon_for_matrices(opt_config: ml_collections.ConfigDict, schedule: optax.Sch
 def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
                    total_steps: int) -> optax.GradientTransformation:
   """The full update rule: optional global-norm clipping, then adam / adamw / lamb / sgd / muon (sgd
-  with Muon on the kernels BatchNorm follows); an update whose gradients are not finite is skipped
-  (and counted) by optax.apply_if_finite."""
+  with Muon on the kernels BatchNorm follows), the BatchNorm biases' steps times
+  `batch_norm_bias_learning_rate_factor` (their learning rate's factor: no weight decay reaches them);
+  an update whose gradients are not finite is skipped (and counted) by optax.apply_if_finite."""
   schedule = learning_rate_schedule(opt_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   if opt_config.name in ('adamw', 'lamb'):
     update = (optax.adamw if opt_config.name == 'adamw' else optax.lamb)(
@@ -124,6 +137,9 @@ def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: in
     update = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask), rule)
     if opt_config.name == 'muon':
       update = muon_for_matrices(opt_config, schedule, update)
+  if opt_config.batch_norm_bias_learning_rate_factor != 1.0:
+    update = optax.chain(update, optax.masked(optax.scale(opt_config.batch_norm_bias_learning_rate_factor),
+                                              batch_norm_bias_mask))
   if opt_config.grad_clip_norm:
     update = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), update)
   return optax.apply_if_finite(update, max_consecutive_errors=2**30)

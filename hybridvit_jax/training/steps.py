@@ -46,7 +46,8 @@ def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_c
   if d.randaugment_num_ops:
     images = data.rand_augment(randaugment_key, images, num_ops=d.randaugment_num_ops,
                                magnitude=d.randaugment_magnitude)
-  images = data.augment(crop_key, images, crop_padding=d.crop_padding, flip=d.flip and flips is None)
+  images = data.augment(crop_key, images, crop_padding=d.crop_padding, flip=d.flip and flips is None,
+                        padding_mode=d.crop_padding_mode)
   if flips is not None:
     images = data.flip_where(flips, images)
   images = prepare_images(images, d)
@@ -184,11 +185,12 @@ def eval_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Arr
   """Adds a padded batch to `metrics`: images uint8 [B, H, W, C], labels [B], mask bool [B]
   (False on padding, which then counts in neither loss nor accuracy). With config.eval_flip and/or
   config.eval_translate the logits are the weighted mean over the test-time views
-  (`data.test_time_views`), run as one batch of V*B images."""
-  images = prepare_images(images, config.data)
-  views, weights = data.test_time_views(images, flip=config.eval_flip, translate_pixels=config.eval_translate)
+  (`data.test_time_views`, shifted before normalisation as training's crops are), run as one batch
+  of V*B images."""
+  views, weights = data.test_time_views(images, flip=config.eval_flip, translate_pixels=config.eval_translate,
+                                        padding_mode=config.data.crop_padding_mode)
   num_views, batch = views.shape[:2]
-  all_views = views.reshape(num_views * batch, *views.shape[2:])
+  all_views = prepare_images(views.reshape(num_views * batch, *views.shape[2:]), config.data)
   logits, _ = apply_model(graphdef, state.params, state.model_state, all_views, train=False)
   logits = jnp.einsum('v,vbk->bk', weights, logits.reshape(num_views, batch, -1))
   losses = softmax_cross_entropy(logits, labels)
