@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.muon_learning_rate = 0.24  # peak; the schedule's shape is learning_rate's
   config.optimizer.muon_momentum = 0.6  # Nesterov
   config.optimizer.muon_all_matrices = False  # Muon on the other matrices too (not the head's)
+  config.optimizer.muon_other_matrices_learning_rate = 0.0  # their peak; 0 = muon_learning_rate
   # The BatchNorm biases' learning rate, as a factor of learning_rate (airbench's bias_scaler)
   config.optimizer.batch_norm_bias_learning_rate_factor = 1.0
   config.optimizer.grad_clip_norm = 1.0  # global norm; 0 = off
@@ -163,7 +164,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   _require_choice(config, 'optimizer.schedule', SCHEDULES)
   _require_positive(config, 'optimizer.learning_rate')
   for key in ('optimizer.warmup_epochs', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
-              'optimizer.end_learning_rate_factor'):
+              'optimizer.end_learning_rate_factor', 'optimizer.muon_other_matrices_learning_rate'):
     _require_positive(config, key, allow_zero=True)
   _require_positive(config, 'optimizer.muon_learning_rate')
   _require_positive(config, 'optimizer.batch_norm_bias_learning_rate_factor')

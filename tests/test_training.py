@@ -169,6 +169,25 @@ def test_muon_on_all_matrices_orthogonalises_a_linear_kernel_without_rescaling_i
   np.testing.assert_allclose(update['head']['kernel'], -0.1 * 1.9 * grads['head']['kernel'], rtol=1e-5)
 
 
+def test_muon_other_matrices_take_their_own_learning_rate_and_the_stem_keeps_its_own():
+  params = {**_conv_net_params(), 'fc': {'kernel': jax.random.normal(jax.random.key(2), (8, 6))}}
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), params)
+
+  def first_update(**overrides):
+    tx = optimizer_lib.make_optimizer(_muon_config(muon_all_matrices=True, **overrides), steps_per_epoch=1,
+                                      total_steps=10)
+    return tx.update(grads, tx.init(params), params)[0]
+  shared, own = first_update(), first_update(muon_other_matrices_learning_rate=0.05)
+  # the linear kernel's orthogonalised step shrinks from muon_learning_rate 0.2 to 0.05
+  np.testing.assert_allclose(own['fc']['kernel'], shared['fc']['kernel'] * 0.05 / 0.2, rtol=1e-5)
+  singular_values = np.linalg.svd(np.asarray(own['fc']['kernel']), compute_uv=False)
+  assert np.all((singular_values > 0.05 * 0.5) & (singular_values < 0.05 * 1.5)), singular_values
+  # the renormalised conv kernel and the SGD parameters are untouched by it
+  for path in (('stem', 'conv', 'kernel'), ('stem', 'norm', 'bias'), ('head', 'kernel')):
+    leaf = lambda tree: functools.reduce(lambda node, key: node[key], path, tree)
+    np.testing.assert_array_equal(leaf(own), leaf(shared))
+
+
 def test_epoch_order_is_a_function_of_seed_and_epoch():
   order = inputs.epoch_order(seed=3, epoch=1, num_examples=103, batch_size=10)
   assert order.shape == (10, 10) and order.dtype == np.int32

@@ -105,16 +105,18 @@ def muon_for_matrices(opt_config: ml_collections.ConfigDict, schedule: optax.Sch
                       rest: optax.GradientTransformation) -> optax.GradientTransformation:
   """Muon (orthogonalised Nesterov momentum, `muon_momentum`, peak `muon_learning_rate` on the
   shape of `schedule`) on the kernels BatchNorm follows, each renormalised every step, and with
-  `muon_all_matrices` on the network's other matrices too (not renormalised); `rest` on every
+  `muon_all_matrices` on the network's other matrices too (not renormalised; peak
+  `muon_other_matrices_learning_rate`, or `muon_learning_rate` where that is 0); `rest` on every
   other parameter."""
-  muon_peak_ratio = opt_config.muon_learning_rate / opt_config.learning_rate
+  other_matrices_peak = opt_config.muon_other_matrices_learning_rate or opt_config.muon_learning_rate
 
-  def muon(*then):
+  def muon(peak, *then):
     return optax.chain(
         contrib.scale_by_muon(ns_steps=MUON_NEWTON_SCHULZ_STEPS, beta=opt_config.muon_momentum, nesterov=True,
                               weight_dimension_numbers=_muon_dimensions),
-        optax.scale_by_learning_rate(lambda step: schedule(step) * muon_peak_ratio), *then)
-  return optax.partition({'renormalized': muon(renormalize_kernels()), 'plain': muon(), 'rest': rest},
+        optax.scale_by_learning_rate(lambda step: schedule(step) * (peak / opt_config.learning_rate)), *then)
+  return optax.partition({'renormalized': muon(opt_config.muon_learning_rate, renormalize_kernels()),
+                          'plain': muon(other_matrices_peak), 'rest': rest},
                          functools.partial(muon_labels, all_matrices=opt_config.muon_all_matrices))
 
 
