@@ -16,6 +16,8 @@ RUN_CONFIG_FILE = 'config.json'
 
 OPTIMIZERS = ('adam', 'adamw', 'lamb', 'sgd', 'muon')
 SCHEDULES = ('cosine', 'linear', 'constant')
+# What makes a checkpoint the run's best: the highest val accuracy, or the lowest val loss.
+BEST_CHECKPOINT_METRICS = ('val_accuracy', 'val_loss')
 INPUT_MODES = ('device', 'stream')
 NAN_POLICIES = ('stop', 'skip')
 # Keys whose change makes an existing run's checkpoints meaningless for the new config.
@@ -41,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
   config.keep_checkpoints = 2
-  config.early_stopping_patience = 0  # evaluations without a better val_accuracy; 0 = off
+  config.best_checkpoint_metric = 'val_accuracy'  # the best checkpoint's: 'val_accuracy' (highest) | 'val_loss' (lowest)
+  config.early_stopping_patience = 0  # evaluations without a better best_checkpoint_metric; 0 = off
   config.eval_test_every_epoch = True
   config.eval_every_epochs = 1  # evaluate (and record in history.jsonl) every n-th epoch and at the end
   config.nan_policy = 'stop'
@@ -160,6 +163,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
     if len(_lookup(config, key)) not in (1, 3) or (key == 'data.std' and min(config.data.std) <= 0):
       _fail(key, _lookup(config, key), 'expected 1 or 3 per-channel values (std > 0)')
   opt = config.optimizer
+  _require_choice(config, 'best_checkpoint_metric', BEST_CHECKPOINT_METRICS)
   _require_choice(config, 'optimizer.name', OPTIMIZERS)
   _require_choice(config, 'optimizer.schedule', SCHEDULES)
   _require_positive(config, 'optimizer.learning_rate')

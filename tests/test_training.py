@@ -188,6 +188,36 @@ def test_muon_other_matrices_take_their_own_learning_rate_and_the_stem_keeps_its
     np.testing.assert_array_equal(leaf(own), leaf(shared))
 
 
+def test_the_best_checkpoint_is_the_highest_val_accuracy_or_the_lowest_val_loss():
+  meta = {'best_val_accuracy': -1.0, 'epochs_without_improvement': 0}
+  records = [{'val_accuracy': 0.80, 'val_loss': 0.70}, {'val_accuracy': 0.885, 'val_loss': 0.508},
+             {'val_accuracy': 0.883, 'val_loss': 0.477}, {'val_accuracy': 0.883, 'val_loss': 0.477}]
+
+  def improvements(metric, meta=meta):
+    flags = []
+    for record in records:
+      improved, meta = loop.rank_evaluation(meta, record, metric)
+      flags.append(improved)
+    return flags, meta
+  by_accuracy, accuracy_meta = improvements('val_accuracy')
+  by_loss, loss_meta = improvements('val_loss')
+  assert by_accuracy == [True, True, False, False]  # the last two: 2 images fewer of 1,000
+  assert by_loss == [True, True, True, False]  # a tie is not better
+  assert accuracy_meta['best_score'] == 0.885 and accuracy_meta['epochs_without_improvement'] == 2
+  assert loss_meta['best_score'] == -0.477 and loss_meta['epochs_without_improvement'] == 1
+  assert loss_meta['best_val_accuracy'] == accuracy_meta['best_val_accuracy'] == 0.885
+  # the meta of a run saved before best_score: val accuracy ranked it; the loss starts afresh
+  old_meta = {'best_val_accuracy': 0.9, 'epochs_without_improvement': 3}
+  assert not loop.rank_evaluation(old_meta, records[1], 'val_accuracy')[0]
+  assert loop.rank_evaluation(old_meta, records[1], 'val_loss')[0]
+
+
+def test_an_unknown_best_checkpoint_metric_is_a_config_error():
+  config = smoke_config(best_checkpoint_metric='val_top5')
+  with pytest.raises(configuration.ConfigError, match='best_checkpoint_metric'):
+    configuration.validate(config, device_count=1)
+
+
 def test_epoch_order_is_a_function_of_seed_and_epoch():
   order = inputs.epoch_order(seed=3, epoch=1, num_examples=103, batch_size=10)
   assert order.shape == (10, 10) and order.dtype == np.int32

@@ -122,6 +122,20 @@ def fit_to_training_images(state: TrainState, config: ml_collections.ConfigDict,
   return fit(state, train_input.first_images(FIT_EXAMPLES))
 
 
+def rank_evaluation(meta: dict[str, Any], record: dict[str, Any], metric: str) -> tuple[bool, dict[str, Any]]:
+  """Whether the evaluation of history record `record` makes a new best checkpoint by `metric`
+  (the highest 'val_accuracy' or the lowest 'val_loss'; a tie is not better), and the checkpoint
+  meta updated for it: best_score (what the best maximises: the accuracy, or minus the loss),
+  best_val_accuracy (the highest so far, whatever the metric) and epochs_without_improvement."""
+  score = record['val_accuracy'] if metric == 'val_accuracy' else -record['val_loss']
+  # runs saved before best_score existed ranked their checkpoints by val accuracy
+  best_score = meta.get('best_score', meta['best_val_accuracy'] if metric == 'val_accuracy' else None)
+  improved = best_score is None or score > best_score
+  return improved, {**meta, 'best_score': score if improved else best_score,
+                    'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
+                    'epochs_without_improvement': 0 if improved else meta['epochs_without_improvement'] + 1}
+
+
 # -------------------------------------------------------------------------------- history
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   """The JSON objects of a file with one per line, oldest first; [] when there is no file."""
@@ -372,8 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   hooks = progress_hooks(writer, total_steps)
 
   if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
-    logging.info('this run stopped early (no better val_accuracy for %d epochs): nothing to train',
-                 meta['epochs_without_improvement'])
+    logging.info('this run stopped early (no better %s for %d evaluations): nothing to train',
+                 config.best_checkpoint_metric, meta['epochs_without_improvement'])
     total_steps = start_step
 
   # -- time budget: the steps that fit are planned from the first steps' speed and again at every
@@ -487,17 +501,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'skipped_steps': int(optimizer_lib.skipped_updates(state.opt_state)),
           'planned_steps': total_steps,
       }
-      improved = record['val_accuracy'] > meta['best_val_accuracy']
-      meta = {**meta, 'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
-              'epochs_without_improvement': 0 if improved else meta['epochs_without_improvement'] + 1,
-              'elapsed_s': record['elapsed_s']}
+      improved, meta = rank_evaluation(meta, record, config.best_checkpoint_metric)
+      meta = {**meta, 'elapsed_s': record['elapsed_s']}
       checkpoints.save(step, state, meta, best=improved)
       if is_chief:
         append_history(workdir, record)
       writer.write_scalars(step, {k: v for k, v in record.items() if k not in ('step',)})
       logging.info('epoch %s: %s', record['epoch'], json.dumps(record))
       if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
-        logging.info('early stopping: val_accuracy has not improved for %d epochs',
+        logging.info('early stopping: %s has not improved for %d evaluations', config.best_checkpoint_metric,
                      meta['epochs_without_improvement'])
         break
   finally:
