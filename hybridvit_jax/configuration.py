@@ -16,8 +16,9 @@ RUN_CONFIG_FILE = 'config.json'
 
 OPTIMIZERS = ('adam', 'adamw', 'lamb', 'sgd', 'muon')
 SCHEDULES = ('cosine', 'linear', 'constant')
-# What makes a checkpoint the run's best: the highest val accuracy, or the lowest val loss.
-BEST_CHECKPOINT_METRICS = ('val_accuracy', 'val_loss')
+# What makes a checkpoint the run's best, each with the sign that makes higher better: the highest
+# val accuracy, or the lowest val loss.
+BEST_CHECKPOINT_METRICS = {'val_accuracy': 1.0, 'val_loss': -1.0}
 INPUT_MODES = ('device', 'stream')
 NAN_POLICIES = ('stop', 'skip')
 # Keys whose change makes an existing run's checkpoints meaningless for the new config.

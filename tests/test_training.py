@@ -210,6 +210,10 @@ def test_the_best_checkpoint_is_the_highest_val_accuracy_or_the_lowest_val_loss(
   old_meta = {'best_val_accuracy': 0.9, 'epochs_without_improvement': 3}
   assert not loop.rank_evaluation(old_meta, records[1], 'val_accuracy')[0]
   assert loop.rank_evaluation(old_meta, records[1], 'val_loss')[0]
+  # a run resumed under another metric ranks afresh: a loss is never compared with an accuracy
+  _, loss_ranked = loop.rank_evaluation(meta, records[0], 'val_loss')
+  improved, accuracy_ranked = loop.rank_evaluation(loss_ranked, records[0], 'val_accuracy')
+  assert improved and accuracy_ranked['best_score'] == 0.80 and accuracy_ranked['best_metric'] == 'val_accuracy'
 
 
 def test_an_unknown_best_checkpoint_metric_is_a_config_error():

@@ -2,9 +2,9 @@
 
 Layout under WORKDIR/checkpoints:
   latest/<step>/  periodic saves, the newest `keep` of them kept;
-  best/<step>/    the checkpoint with the best validation accuracy so far, kept apart.
-Each holds `state` (the TrainState arrays) and `meta` (JSON: epoch, best_val_accuracy,
-elapsed_s, ... whatever the loop needs to continue exactly).
+  best/<step>/    the checkpoint with the best validation score so far (config.best_checkpoint_metric), kept apart.
+Each holds `state` (the TrainState arrays) and `meta` (JSON: epoch, best_metric, best_score,
+best_val_accuracy, elapsed_s, ... whatever the loop needs to continue exactly).
 """
 import dataclasses
 import pathlib

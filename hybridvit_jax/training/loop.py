@@ -77,6 +77,21 @@ def seconds_per_eval_batch(eval_step, state: TrainState, batches: inputs.Batches
   return (time.perf_counter() - start) / len(timed)
 
 
+def rank_evaluation(meta: dict[str, Any], record: dict[str, Any], metric: str) -> tuple[bool, dict[str, Any]]:
+  """Whether the evaluation of history record `record` makes a new best checkpoint by `metric`
+  (one of configuration.BEST_CHECKPOINT_METRICS; a tie is not better), and the checkpoint meta
+  updated for it: best_metric and best_score (the metric times its sign: the accuracy, or minus the
+  loss), best_val_accuracy (the highest so far, whatever the metric) and epochs_without_improvement.
+  A run resumed under another metric than its meta's ranks afresh from this evaluation."""
+  score = configuration.BEST_CHECKPOINT_METRICS[metric] * record[metric]
+  ranked_by = meta.get('best_metric', 'val_accuracy')  # runs saved before best_metric ranked by val accuracy
+  best_score = meta.get('best_score', meta['best_val_accuracy']) if ranked_by == metric else None
+  improved = best_score is None or score > best_score
+  return improved, {**meta, 'best_metric': metric, 'best_score': score if improved else best_score,
+                    'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
+                    'epochs_without_improvement': 0 if improved else meta['epochs_without_improvement'] + 1}
+
+
 # ---------------------------------------------------------------------------------- model
 def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh,
                    *, steps_per_epoch: int, total_steps: int):
@@ -120,20 +135,6 @@ def fit_to_training_images(state: TrainState, config: ml_collections.ConfigDict,
   fit = jax.jit(functools.partial(steps.fit_to_data, graphdef=graphdef, data_config=config.data),
                 out_shardings=NamedSharding(mesh, P()))
   return fit(state, train_input.first_images(FIT_EXAMPLES))
-
-
-def rank_evaluation(meta: dict[str, Any], record: dict[str, Any], metric: str) -> tuple[bool, dict[str, Any]]:
-  """Whether the evaluation of history record `record` makes a new best checkpoint by `metric`
-  (the highest 'val_accuracy' or the lowest 'val_loss'; a tie is not better), and the checkpoint
-  meta updated for it: best_score (what the best maximises: the accuracy, or minus the loss),
-  best_val_accuracy (the highest so far, whatever the metric) and epochs_without_improvement."""
-  score = record['val_accuracy'] if metric == 'val_accuracy' else -record['val_loss']
-  # runs saved before best_score existed ranked their checkpoints by val accuracy
-  best_score = meta.get('best_score', meta['best_val_accuracy'] if metric == 'val_accuracy' else None)
-  improved = best_score is None or score > best_score
-  return improved, {**meta, 'best_score': score if improved else best_score,
-                    'best_val_accuracy': max(record['val_accuracy'], meta['best_val_accuracy']),
-                    'epochs_without_improvement': 0 if improved else meta['epochs_without_improvement'] + 1}
 
 
 # -------------------------------------------------------------------------------- history
