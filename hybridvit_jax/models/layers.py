@@ -6,6 +6,7 @@ Every layer takes its compute `dtype` (parameters stay float32) and draws its in
 stream of the `rngs` passed to `__call__`, which may be None when `train` is False or their rates are 0.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -57,10 +58,51 @@ def matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], p
   views = [padded[:, i:i + (out_h - 1) * stride_h + 1:stride_h, j:j + (out_w - 1) * stride_w + 1:stride_w, :]
            for i in range(kernel_h) for j in range(kernel_w)]
   columns = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-  return lax.dot_general(columns, rhs.reshape(kernel_h * kernel_w * in_channels, out_channels),
-                         (((3,), (0,)), ((), ())), precision=kwargs.get('precision'),
-                         preferred_element_type=kwargs.get('preferred_element_type'),
-                         out_sharding=kwargs.get('out_sharding'))
+  kernel = rhs.reshape(kernel_h * kernel_w * in_channels, out_channels)
+  if kwargs.get('out_sharding') is not None:  # a sharded product: XLA's own gradients keep the sharding
+    return lax.dot_general(columns, kernel, (((3,), (0,)), ((), ())), precision=kwargs.get('precision'),
+                           preferred_element_type=kwargs.get('preferred_element_type'),
+                           out_sharding=kwargs['out_sharding'])
+  return columns_times_kernel(columns, kernel, kwargs.get('precision'), kwargs.get('preferred_element_type'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def columns_times_kernel(columns: jax.Array, kernel: jax.Array, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+  """im2col columns [B,H,W,K] times a kernel [K,O] -> [B,H,W,O], with gradients written as plain
+  2-D products: the kernel's is columns^T [K, B*H*W] x output gradient [B*H*W, O], contracting the
+  positions of both. Left to its own transpose rule, XLA:CPU writes the output gradient out
+  transposed ([O, B*H*W], fused into BatchNorm's backward) for that product, a slow strided write:
+  this form makes the hybrid `:cpu` train step ~10% faster (BENCHMARKS.md), with the same values."""
+  return lax.dot_general(columns, kernel, (((3,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred_element_type)
+
+
+def _columns_times_kernel_forward(columns, kernel, precision, preferred_element_type):
+  """With symbolic zeros: `columns` and `kernel` are CustomVJPPrimal. Each gradient's other operand is
+  kept only when that gradient is wanted (None otherwise), so an operand nothing differentiates
+  through (the first conv's columns behind the fixed whitening) costs no product in the backward."""
+  output = columns_times_kernel(columns.value, kernel.value, precision, preferred_element_type)
+  return output, (columns.value if kernel.perturbed else None, kernel.value if columns.perturbed else None)
+
+
+def _columns_times_kernel_backward(precision, preferred_element_type, residuals, output_grad):
+  columns, kernel = residuals
+  if isinstance(output_grad, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  columns_grad = kernel_grad = None
+  if kernel is not None:  # [B,H,W,O] x [K,O]^T -> [B,H,W,K]
+    columns_grad = lax.dot_general(output_grad.astype(kernel.dtype), kernel, (((3,), (1,)), ((), ())),
+                                   precision=precision)
+  if columns is not None:  # [K, B*H*W] x [B*H*W, O] -> [K, O]
+    positions = columns.shape[0] * columns.shape[1] * columns.shape[2]
+    kernel_grad = lax.dot_general(columns.reshape(positions, -1),
+                                  output_grad.astype(columns.dtype).reshape(positions, -1),
+                                  (((0,), (0,)), ((), ())), precision=precision)
+  return columns_grad, kernel_grad
+
+
+columns_times_kernel.defvjp(_columns_times_kernel_forward, _columns_times_kernel_backward, symbolic_zeros=True)
 
 
 def backend_conv(*args, **kwargs) -> jax.Array:
