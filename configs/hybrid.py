@@ -53,7 +53,7 @@ def get_config(preset: str = ''):
       # The run trains for 30 minutes, not a step count: this machine's speed varies by a factor of
       # ~1.8 from hour to hour (the v12 network's step: 429 ms in `benchmark` in a fast hour, 745-770 ms
       # in slow ones), so the time budget plans the steps from the first ones' speed, and again at
-      # every evaluation (every 3 epochs: 6.9 epochs of this network in a fast hour). 49,000 training images (1,000
+      # every evaluation (every 3 epochs: 7.5-7.6 epochs of this network in a fast hour since `4ff469f`). 49,000 training images (1,000
       # held out to validate on) and test-time shifts (+0.36 points test on the same weights) with the flip.
       # The best checkpoint is the one of the lowest val loss: on 1,000 images the accuracy of the last
       # two evaluations can differ by a few images (a run with seed 1 kept epoch 6's, 88.3% against
