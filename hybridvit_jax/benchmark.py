@@ -14,7 +14,8 @@ line is one JSON object:
   num_classes, image_shape, params (number of model parameters)
   compile_s          seconds to lower and compile the train step
   compile_cache      whether JAX's persistent compilation cache is on (then compile_s may be a hit)
-  flops_per_image    XLA's cost analysis of the compiled step, all devices, / batch_size
+  flops_per_image    XLA's cost analysis of the step as traced (before compiling, which on GPU hands
+                     matrix products to libraries it does not count), all devices, / batch_size
   step_ms            median of --steps steps after --warmup untimed ones, each waited for
   images_per_s       batch_size / step time
   achieved_gflops    flops of one step / step time, all devices together (1 GFLOP = 1e9 flops)
@@ -141,11 +142,13 @@ def train_step_seconds(compiled_step, state, metrics: ClassificationMetrics, ste
   return median_seconds(one_step, steps=steps, warmup=warmup)
 
 
-def per_device_flops(program) -> float:
-  """Flops of one call of a jax.stages.Compiled (or Lowered) program on one device: XLA's cost
-  analysis, of the SPMD-partitioned program once compiled. Some jax versions return a list
-  with one dict per program."""
-  analysis = program.cost_analysis()
+def traced_flops(lowered: jax.stages.Lowered) -> float:
+  """Flops of one call of a lowered (not yet compiled) program, all devices together: XLA's cost
+  analysis of the computation as traced. Compiled programs are not counted: the GPU compiler
+  turns matrix products and convolutions into cuBLAS/cuDNN calls whose flops its cost analysis
+  leaves out (an H200's compiled hybrid step counted 0.24 of the 3.1 GFLOP an image). Some jax
+  versions return a list with one dict per program."""
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis['flops'])
@@ -239,9 +242,10 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> 
   params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
   start = time.perf_counter()
-  compiled_step = train_step.lower(state, metrics, *step_inputs).compile()
+  lowered_step = train_step.lower(state, metrics, *step_inputs)
+  compiled_step = lowered_step.compile()
   compile_s = time.perf_counter() - start
-  flops_per_step = per_device_flops(compiled_step) * jax.device_count()
+  flops_per_step = traced_flops(lowered_step)
   logging.info('benchmark: compiled in %.1f s; %.4g GFLOP per step; timing %d steps after %d',
                compile_s, flops_per_step / 1e9, steps, warmup)
   step_s = train_step_seconds(compiled_step, state, metrics, step_inputs, steps=steps, warmup=warmup)

@@ -38,7 +38,7 @@ def forward_flops_per_image(config) -> float:
   images = jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32)
   forward = jax.jit(lambda p, s, x: steps.apply_model(graphdef, p, s, x, train=False)[0])
   lowered = forward.lower(nnx.to_pure_dict(params), nnx.to_pure_dict(model_state), images)
-  return benchmark.per_device_flops(lowered) / config.batch_size
+  return benchmark.traced_flops(lowered) / config.batch_size
 
 
 def test_benchmark_reports_every_field_with_its_type(smoke_result):

@@ -269,8 +269,9 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(variant, m
   assert 'bf16' in dtypes['dot_general']  # the head, and the transformer's Linear layers
 
 
-def test_bfloat16_matmul_convolutions_compute_in_bfloat16():
-  model = build(make_config('resnet_test', dtype='bfloat16'))  # on CPU every conv is a matmul_conv
+def test_bfloat16_matmul_convolutions_compute_in_bfloat16(monkeypatch):
+  monkeypatch.setattr(layers, 'backend_conv', layers.matmul_conv)  # CPU's choice, on any backend
+  model = build(make_config('resnet_test', dtype='bfloat16'))
   dtypes = compute_dtypes(model, random_images(2))
   assert dtypes == {'conv_general_dilated': set(), 'dot_general': {'bf16'}}
 
@@ -418,9 +419,10 @@ def test_whitened_patch_embedding_of_a_vit_stays_one_linear_map_of_each_patch():
   # whitening then embedding equals one 4x4, stride-4 convolution of the raw image: a linear patch embedding
   kernel = np.einsum('hwcj,jd->hwcd', np.asarray(model.stem.whitening.kernel[...]),
                      np.asarray(model.patch_embedding.kernel[...])[0, 0])
-  direct = lax_conv(images, jnp.asarray(kernel), 'VALID', strides=(4, 4))
-  np.testing.assert_allclose(model.patch_embedding(jnp.asarray(whitened)),
-                             direct + model.patch_embedding.bias[...], rtol=1e-3, atol=1e-3)
+  with jax.default_matmul_precision('float32'):  # full float32 products also where GPUs default to TF32
+    direct = lax_conv(images, jnp.asarray(kernel), 'VALID', strides=(4, 4))
+    embedded = model.patch_embedding(jnp.asarray(whitened))
+  np.testing.assert_allclose(embedded, direct + model.patch_embedding.bias[...], rtol=1e-3, atol=1e-3)
   assert model(images[:2], train=False).shape == (2, NUM_CLASSES)
 
 
