@@ -115,6 +115,18 @@ def test_plan_at_an_evaluation_moves_the_end_and_a_resumed_run_keeps_it(tmp_path
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), first)
 
 
+def test_plan_at_a_periodic_checkpoint_moves_the_end_before_any_evaluation(tmp_path, monkeypatch):
+  # One evaluation, at the end: a plan from slow first steps would otherwise never be corrected.
+  planned = []
+  plans = iter([30, 35])  # the probe's plan, then the one at the checkpoint of step 25
+  monkeypatch.setattr(budget, 'steps_in_budget', lambda **kwargs: planned.append(kwargs['step']) or next(plans, 35))
+  monkeypatch.setattr(budget, 'REPLAN_MIN_COMPILES', 0)
+  record = loop.train_and_evaluate(budget_config(eval_every_epochs=6, checkpoint_every_steps=25), tmp_path)
+  assert planned == [budget.PROBE_LAST_STEP, 25]
+  assert (record['step'], record['planned_steps']) == (35, 35)
+  assert [(r['step'], r['planned_steps']) for r in loop.read_history(tmp_path)] == [(35, 35)]
+
+
 def test_run_ends_with_an_evaluation_at_the_deadline(tmp_path):
   record = loop.train_and_evaluate(budget_config(budget_minutes=1e-4), tmp_path)  # 6 ms: over after a step
   assert (record['step'], record['planned_steps']) == (1, 1)

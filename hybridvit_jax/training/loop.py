@@ -289,11 +289,22 @@ class StepTimer:
     return (self._clock() - self.start_time - self.paused_s) / (step - self.start_step)
 
 
+def speed_since_plan(step_timer: StepTimer, step: int, meta: dict[str, Any]) -> budget.Speed | None:
+  """The speed to plan from at `step`: the steps since the last plan (`step_timer`), the last
+  evaluation batch and compile times kept in `meta`; None before the first plan, or while no step
+  since it was timed."""
+  seconds_per_step = step_timer.seconds_per_step(step)
+  if 'planned_steps' not in meta or 'seconds_per_eval_batch' not in meta or seconds_per_step is None:
+    return None
+  return budget.Speed(seconds_per_step=seconds_per_step, seconds_per_eval_batch=meta['seconds_per_eval_batch'],
+                      compile_seconds=meta.get('compile_seconds', 0.0))
+
+
 def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step: int, elapsed_s: float,
                 max_total_steps: int, steps_per_epoch: int, eval_batches: int,
                 planned_steps: int | None = None) -> int:
   """The run's total steps under its time budget at the measured `speed`: the first plan
-  (`planned_steps` None), or at an evaluation the new plan where budget.replanned_steps takes it
+  (`planned_steps` None), or at an evaluation or checkpoint the new plan where budget.replanned_steps takes it
   over `planned_steps`. A plan made or changed is logged in one line."""
   new_plan = budget.steps_in_budget(
       budget_s=config.budget_minutes * 60.0, elapsed_s=elapsed_s, step=step, speed=speed,
@@ -386,13 +397,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          for k, v in configuration.flatten(config.to_dict()).items()})
   hooks = progress_hooks(writer, total_steps)
 
+  def step_and_hooks(planned_total_steps: int):
+    """The train step (a new compile) and progress hooks of a schedule `planned_total_steps` long."""
+    _, new_train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
+                                          total_steps=planned_total_steps)
+    return new_train_step, progress_hooks(writer, planned_total_steps)
+
   if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
     logging.info('this run stopped early (no better %s for %d evaluations): nothing to train',
                  config.best_checkpoint_metric, meta['epochs_without_improvement'])
     total_steps = start_step
 
   # -- time budget: the steps that fit are planned from the first steps' speed and again at every
-  # evaluation from the speed since (budget.py); at the deadline (the budget less the last
+  # evaluation and periodic checkpoint from the speed since (budget.py); at the deadline (the budget less the last
   # evaluation) the run ends wherever it is.
   budget_s = config.budget_minutes * 60.0
   probe, eval_batches, step_timer = None, 0, StepTimer()
@@ -408,6 +425,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop = StopRequest()
   record: dict[str, Any] = {}
   session_start = time.time() - meta['elapsed_s']
+
+  def plan_again(step: int, speed: budget.Speed) -> None:
+    """Plans the run's steps again at `step` (an evaluation or a periodic checkpoint) from `speed`;
+    where the new plan ends the run elsewhere, the step is rebuilt for its schedule."""
+    nonlocal total_steps, train_step, hooks, meta, evaluation_reserve_s
+    planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
+                                max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
+                                eval_batches=eval_batches, planned_steps=total_steps)
+    evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
+    meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s}
+    if planned_steps != total_steps:  # the run ends elsewhere: a new step to compile
+      total_steps = planned_steps
+      train_step, hooks = step_and_hooks(total_steps)
+      step_timer.restart()
   step = start_step
   pacer = DispatchPacer(step)
   try:
@@ -430,15 +461,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       eval_batches=eval_batches)
           evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
           meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s,
-                  'compile_seconds': speed.compile_seconds}
+                  'compile_seconds': speed.compile_seconds, 'seconds_per_eval_batch': speed.seconds_per_eval_batch}
           probe = None
           step_timer.restart()
           if planned_steps != total_steps:  # the schedule's length changes: a new step to compile
             total_steps = planned_steps
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-            _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
-                                              total_steps=total_steps)
-            hooks = progress_hooks(writer, total_steps)
+            train_step, hooks = step_and_hooks(total_steps)
         elif budget_s and 'planned_steps' in meta:
           step_timer.after_step(state, step)
         if budget_s and step < total_steps and deadline_reached(
@@ -454,6 +483,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             hook(step)
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
           check_finite(state, config, checkpoints)
+          # Plan again, as at an evaluation: a plan made from a few slow first steps is not kept
+          # until an evaluation that may be the run's last.
+          speed = speed_since_plan(step_timer, step, meta)
+          if budget_s and speed is not None:
+            plan_again(step, speed)
+            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
           checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
       if stop:
         break
@@ -475,22 +510,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  for weights, weights_state in evaluated.items() for name, batches in eval_sources.items()}
       evaluation_s = time.time() - evaluation_start
       step_timer.pause(evaluation_s)
-      seconds_per_step = step_timer.seconds_per_step(step)
-      if budget_s and 'planned_steps' in meta and step < total_steps and seconds_per_step is not None:
-        speed = budget.Speed(seconds_per_step=seconds_per_step,
-                             seconds_per_eval_batch=evaluation_s / max(eval_batches, 1),
-                             compile_seconds=meta.get('compile_seconds', 0.0))
-        planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
-                                    max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
-                                    eval_batches=eval_batches, planned_steps=total_steps)
-        evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
-        meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s}
-        if planned_steps != total_steps:  # the run ends elsewhere: a new step to compile
-          total_steps = planned_steps
-          _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
-                                            total_steps=total_steps)
-          hooks = progress_hooks(writer, total_steps)
-          step_timer.restart()
+      if budget_s and 'planned_steps' in meta:
+        meta = {**meta, 'seconds_per_eval_batch': evaluation_s / max(eval_batches, 1)}
+      speed = speed_since_plan(step_timer, step, meta)
+      if budget_s and step < total_steps and speed is not None:
+        plan_again(step, speed)
       record = {
           'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
           'step': step,
