@@ -304,8 +304,8 @@ def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step:
                 max_total_steps: int, steps_per_epoch: int, eval_batches: int,
                 planned_steps: int | None = None) -> int:
   """The run's total steps under its time budget at the measured `speed`: the first plan
-  (`planned_steps` None), or at an evaluation or checkpoint the new plan where budget.replanned_steps takes it
-  over `planned_steps`. A plan made or changed is logged in one line."""
+  (`planned_steps` None), or at an evaluation or periodic checkpoint the new plan where
+  budget.replanned_steps takes it over `planned_steps`. A plan made or changed is logged in one line."""
   new_plan = budget.steps_in_budget(
       budget_s=config.budget_minutes * 60.0, elapsed_s=elapsed_s, step=step, speed=speed,
       max_steps=max_total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=config.eval_every_epochs,
@@ -409,8 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = start_step
 
   # -- time budget: the steps that fit are planned from the first steps' speed and again at every
-  # evaluation and periodic checkpoint from the speed since (budget.py); at the deadline (the budget less the last
-  # evaluation) the run ends wherever it is.
+  # evaluation and periodic checkpoint from the speed since (budget.py); at the deadline (the
+  # budget less the last evaluation) the run ends wherever it is.
   budget_s = config.budget_minutes * 60.0
   probe, eval_batches, step_timer = None, 0, StepTimer()
   if budget_s:
@@ -439,6 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       total_steps = planned_steps
       train_step, hooks = step_and_hooks(total_steps)
       step_timer.restart()
+
   step = start_step
   pacer = DispatchPacer(step)
   try:
