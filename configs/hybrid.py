@@ -36,9 +36,9 @@ def get_config(preset: str = ''):
       recipe={**common.TRANSFORMER_RECIPE, 'num_epochs': 300},
       paper=common.TRANSFORMER_PAPER,
       # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes. Measured for these settings
-      # (README): 89.88%, 89.87% and 90.11% on the step of `4ff469f` (7.5-7.8 epochs; mean 89.95%);
-      # 90.21%, 89.57%, 89.62% and 89.61% (seed 1) on the 10% slower step before it (6.7-6.9
-      # epochs): met in two of seven runs, 0.05 short on the mean of the current step's three.
+      # (README): 89.88%, 89.87%, 90.11% and 90.07% on the step of `4ff469f` (7.5-7.8 epochs; mean
+      # 89.98%); 90.21%, 89.57%, 89.62% and 89.61% (seed 1) on the 10% slower step before it (6.7-6.9
+      # epochs): met in three of eight runs, 0.02 short on the mean of the current step's four.
       # Muon on the stem's convolutions (airbench's: each kernel rescaled to norm sqrt(out) before
       # its orthogonalised step) and SGD-Nesterov on the rest: +6 points after one epoch over SGD
       # alone, which trains the BatchNorm conv stem far faster than AdamW (README "runs tried").
