@@ -5,8 +5,8 @@ The loop times the run's own first steps (after the compile) and one evaluation 
 `steps_in_budget` returns the most steps whose training, evaluations and the recompile of the
 step for the planned schedule fit in what is left of the budget, with `SAFETY_MARGIN` to spare.
 At every evaluation and every periodic checkpoint (`checkpoint_every_steps`) the loop plans again
-from the speed since the last plan (a shared machine's speed drifts within a run) and takes the new plan when `replanned_steps` says it moves the end
-far enough to be worth a recompile. The plan is kept in every checkpoint, so a resumed run
+from the speed since the last plan (a shared machine's speed drifts within a run) and takes the
+new plan when `replanned_steps` says it moves the end far enough to be worth a recompile. The plan is kept in every checkpoint, so a resumed run
 follows the schedule it had. Pure functions only: the clock is read in the loop.
 """
 import dataclasses
