@@ -234,16 +234,16 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> 
 
   mesh = loop.make_mesh()
   train_set = random_train_set(info, TRAIN_SET_BATCHES * config.batch_size, config.seed)
-  init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=TRAIN_SET_BATCHES,
-                                                  total_steps=config.num_epochs * TRAIN_SET_BATCHES)
+  init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=TRAIN_SET_BATCHES)
+  total_steps = config.num_epochs * TRAIN_SET_BATCHES
   state = init_state()
   metrics = jax.device_put(ClassificationMetrics.empty(), NamedSharding(mesh, P()))
   step_inputs = STEP_INPUTS[mode](config, mesh, train_set)
   params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
   start = time.perf_counter()
-  lowered_step = train_step.lower(state, metrics, *step_inputs)
-  compiled_step = lowered_step.compile()
+  lowered_step = train_step.lower(state, metrics, *step_inputs, total_steps=total_steps)
+  compiled_step = functools.partial(lowered_step.compile(), total_steps=total_steps)
   compile_s = time.perf_counter() - start
   flops_per_step = traced_flops(lowered_step)
   logging.info('benchmark: compiled in %.1f s; %.4g GFLOP per step; timing %d steps after %d',

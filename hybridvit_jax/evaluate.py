@@ -32,7 +32,7 @@ def restore_run(workdir: pathlib.Path, checkpoint: str = 'best'):
   config = configuration.load_run_config(workdir)
   info = data.dataset_info(config.data)
   mesh = loop.make_mesh()
-  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=1, total_steps=1)
+  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=1)
   checkpoints = RunCheckpoints(workdir, read_only=True)
   restored = checkpoints.restore(jax.eval_shape(init_state), checkpoint, weights_only=True)
   checkpoints.close()

@@ -140,7 +140,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   (tmp_path / 'checkpoints' / 'latest' / '21.orbax-checkpoint-tmp-1').mkdir()  # a save cut short
   checkpoints = RunCheckpoints(tmp_path, read_only=True)
   state, _ = checkpoints.restore(jax.eval_shape(loop.build_training(
-      config, vit_info(config), loop.make_mesh(), steps_per_epoch=7, total_steps=14)[0]))
+      config, vit_info(config), loop.make_mesh(), steps_per_epoch=7)[0]))
   checkpoints.close()
   assert int(state.step) == 7
   assert any('latest/14 cannot be restored' in r.getMessage() for r in caplog.records)

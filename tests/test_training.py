@@ -52,6 +52,29 @@ def test_linear_schedule_decays_along_a_straight_line_to_the_end_factor():
   assert float(schedule(100)) == pytest.approx(0.1)
 
 
+def optax_schedule(schedule_name: str, *, warmup_steps: int, total_steps: int) -> optax.Schedule:
+  """optax's own schedule of peak 1.0, end 0.1 (lengths as Python numbers): the reference."""
+  decay_steps = total_steps - warmup_steps
+  after_warmup = {'cosine': optax.cosine_decay_schedule(1.0, decay_steps, alpha=0.1),
+                  'linear': optax.linear_schedule(1.0, 0.1, decay_steps),
+                  'constant': optax.constant_schedule(1.0)}[schedule_name]
+  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup_steps), after_warmup], [warmup_steps])
+
+
+@pytest.mark.parametrize('schedule_name', ['cosine', 'linear', 'constant'])
+def test_schedule_of_a_traced_length_is_optaxs_schedule_of_that_length(schedule_name):
+  opt = configuration.base_config().optimizer
+  with opt.unlocked():
+    opt.update({'learning_rate': 1.0, 'warmup_epochs': 2.0, 'end_learning_rate_factor': 0.1,
+                'schedule': schedule_name})
+  traced = jax.jit(lambda total_steps, count: optimizer_lib.learning_rate_schedule(
+      opt, steps_per_epoch=10, total_steps=total_steps)(count))
+  for total_steps in (45, 100, 400):
+    reference = optax_schedule(schedule_name, warmup_steps=20, total_steps=total_steps)
+    for count in (0, 7, 20, 33, 60, 99, 100, 500):
+      assert float(traced(total_steps, count)) == pytest.approx(float(reference(count)), abs=1e-6)
+
+
 @pytest.mark.parametrize('name', ['adam', 'adamw', 'sgd', 'muon'])
 def test_every_optimizer_decreases_a_quadratic(name):
   opt = configuration.base_config().optimizer
@@ -250,14 +273,39 @@ def smoke_config(**overrides) -> ml_collections.ConfigDict:
 def _train_one_step(config, mesh):
   info = data.dataset_info(config.data)
   arrays = data.load_split(config.data, config.data.train_split)
-  init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
+  init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7)
   replicated = NamedSharding(mesh, P())
   order = inputs.epoch_order(config.seed, 0, len(arrays['label']), config.batch_size)
   state, metrics = train_step(init_state(), ClassificationMetrics.empty(),
                               inputs.to_global(arrays['image'], replicated),
                               inputs.to_global(arrays['label'], replicated),
-                              inputs.to_global(order, NamedSharding(mesh, P(None, 'data'))))
+                              inputs.to_global(order, NamedSharding(mesh, P(None, 'data'))), total_steps=21)
   return jax.device_get(state.params), metrics.compute()
+
+
+def test_a_new_plan_changes_the_steps_learning_rate_without_a_recompile():
+  """The run's planned length is an argument of the compiled step, as the time budget's plans need."""
+  config = smoke_config()
+  config.optimizer.warmup_epochs = 0.0
+  mesh = loop.make_mesh()
+  info = data.dataset_info(config.data)
+  arrays = data.load_split(config.data, config.data.train_split)
+  init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7)
+  replicated = NamedSharding(mesh, P())
+  order = inputs.epoch_order(config.seed, 0, len(arrays['label']), config.batch_size)
+  step_inputs = (inputs.to_global(arrays['image'], replicated), inputs.to_global(arrays['label'], replicated),
+                 inputs.to_global(order, NamedSharding(mesh, P(None, 'data'))))
+  moved = {}
+  for total_steps in (3, 100, 3):  # three steps of a 3-step cosine (1, 0.75, 0.25 x peak) or near the peak
+    state = init_state()
+    before = jax.device_get(state.params)
+    for _ in range(3):
+      state, _ = train_step(state, ClassificationMetrics.empty(), *step_inputs, total_steps=total_steps)
+    moved.setdefault(total_steps, []).append(
+        float(optax.tree.norm(jax.tree.map(jnp.subtract, jax.device_get(state.params), before))))
+  assert train_step._cache_size() == 1  # pylint: disable=protected-access
+  assert moved[100][0] > 1.2 * moved[3][0] > 0
+  assert moved[3][0] == moved[3][1]
 
 
 def test_step_on_one_device_agrees_with_four_devices():
@@ -286,11 +334,12 @@ def test_alternate_flip_trains_on_the_batch_mirrored_as_alternating_flips_says()
   results = []
   for config, images in ((alternate, arrays['image']), (plain, mirrored)):
     info = data.dataset_info(config.data)
-    init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
+    init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7)
     state = init_state()
     state = state.replace(step=jnp.asarray(7, state.step.dtype))  # epoch 1's first step: the other half is mirrored
     state, _ = train_step(state, ClassificationMetrics.empty(), inputs.to_global(images, replicated),
-                          inputs.to_global(arrays['label'], replicated), inputs.to_global(order, by_step))
+                          inputs.to_global(arrays['label'], replicated), inputs.to_global(order, by_step),
+                          total_steps=21)
     results.append(jax.device_get(state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *results)
 
@@ -340,7 +389,7 @@ def test_eval_step_averages_the_logits_of_views_shifted_before_normalisation(pad
   config.data.crop_padding_mode = padding_mode
   mesh = loop.make_mesh()
   info = data.dataset_info(config.data)
-  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=7, total_steps=21)
+  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=7)
   state = init_state()
   noise = lambda leaf, key: leaf + 0.3 * jax.random.normal(key, leaf.shape)  # off the zero-initialised head
   keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(state.params)))

@@ -2,12 +2,12 @@
 this machine, so that "train for 30 minutes" means the same thing on a fast hour and a slow one.
 
 The loop times the run's own first steps (after the compile) and one evaluation batch, then
-`steps_in_budget` returns the most steps whose training, evaluations and the recompile of the
-step for the planned schedule fit in what is left of the budget, with `SAFETY_MARGIN` to spare.
-At every evaluation and every periodic checkpoint (`checkpoint_every_steps`) the loop plans again
-from the speed since the last plan (a shared machine's speed drifts within a run) and takes the
-new plan when `replanned_steps` says it moves the end far enough to be worth a recompile. The plan is kept in every checkpoint, so a resumed run
-follows the schedule it had. Pure functions only: the clock is read in the loop.
+`steps_in_budget` returns the most steps whose training and evaluations fit in what is left of
+the budget, with `SAFETY_MARGIN` to spare. At every evaluation and every periodic checkpoint
+(`checkpoint_every_steps`) the loop plans again from the speed since the last plan (a shared
+machine's speed drifts within a run). The plan's length is an argument of the train step, so a
+new plan costs no compile. The plan is kept in every checkpoint, so a resumed run follows the
+schedule it had. Pure functions only: the clock is read in the loop.
 """
 import dataclasses
 import math
@@ -25,20 +25,13 @@ SAFETY_MARGIN = 0.015
 # dispatched ahead of the device (up to loop.MAX_SECONDS_AHEAD), the evaluation's input pipeline
 # starting, the checkpoint. Without it a run that met its deadline ended 1 s past a 30-minute budget.
 DEADLINE_SLACK_S = 10.0
-# A plan made at an evaluation replaces the schedule only when it moves the run's end by more than
-# this fraction of the steps left and by more than the steps of REPLAN_MIN_COMPILES compiles:
-# smaller changes are not worth a recompile and a learning-rate schedule that changes under the
-# run (the deadline still ends a run that is slower than planned).
-REPLAN_MIN_CHANGE = 0.02
-REPLAN_MIN_COMPILES = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Speed:
-  """What the loop measured: seconds a training step, an evaluation batch and a compile."""
+  """What the loop measured: seconds a training step and an evaluation batch."""
   seconds_per_step: float
   seconds_per_eval_batch: float
-  compile_seconds: float
 
 
 def evaluation_count(total_steps: int, *, steps_per_epoch: int, eval_every_epochs: int) -> int:
@@ -48,15 +41,23 @@ def evaluation_count(total_steps: int, *, steps_per_epoch: int, eval_every_epoch
   return whole_epochs_before_end // eval_every_epochs + 1
 
 
+def evaluations_left(total_steps: int, *, step: int, steps_per_epoch: int, eval_every_epochs: int) -> int:
+  """Evaluations a run of `total_steps` makes after `step`: those of `evaluation_count` less the
+  ones at whole epochs up to `step` (done, or being done, when the run plans there)."""
+  evaluations_done = step // steps_per_epoch // eval_every_epochs
+  return evaluation_count(total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=eval_every_epochs) - evaluations_done
+
+
 def steps_in_budget(*, budget_s: float, elapsed_s: float, step: int, speed: Speed, max_steps: int,
                     steps_per_epoch: int, eval_every_epochs: int, eval_batches: int) -> int:
   """The most steps (at most `max_steps`, at least `step + 1`) a run at `step`, `elapsed_s` into a
   budget of `budget_s`, can train and evaluate in the budget at `speed`, keeping SAFETY_MARGIN of
-  the time left: the rest of the steps, every evaluation, and one recompile of the step."""
-  usable_s = (budget_s - elapsed_s) * (1.0 - SAFETY_MARGIN) - speed.compile_seconds
+  the time left: the rest of the steps and the evaluations still to come."""
+  usable_s = (budget_s - elapsed_s) * (1.0 - SAFETY_MARGIN)
 
   def seconds(total_steps: int) -> float:
-    evaluations = evaluation_count(total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=eval_every_epochs)
+    evaluations = evaluations_left(total_steps, step=step, steps_per_epoch=steps_per_epoch,
+                                   eval_every_epochs=eval_every_epochs)
     return (total_steps - step) * speed.seconds_per_step + evaluations * eval_batches * speed.seconds_per_eval_batch
 
   fits, too_many = step + 1, min(max_steps, step + max(1, math.floor(usable_s / speed.seconds_per_step))) + 1
@@ -70,12 +71,3 @@ def evaluation_reserve_s(speed: Speed, eval_batches: int) -> float:
   """Seconds the loop keeps back before the deadline for the last evaluation: its batches half
   again as long as measured (for a machine that slowed down), and DEADLINE_SLACK_S."""
   return 1.5 * eval_batches * speed.seconds_per_eval_batch + DEADLINE_SLACK_S
-
-
-def replanned_steps(planned_steps: int, new_plan: int, *, step: int, speed: Speed) -> int:
-  """The run's total steps after a plan made at `step` at `speed`: `new_plan` when it moves the
-  end of `planned_steps` by more than REPLAN_MIN_CHANGE of the steps left and more than
-  REPLAN_MIN_COMPILES compiles' worth of steps, else `planned_steps`."""
-  min_change = max(REPLAN_MIN_CHANGE * (planned_steps - step),
-                   REPLAN_MIN_COMPILES * speed.compile_seconds / speed.seconds_per_step)
-  return new_plan if abs(new_plan - planned_steps) > min_change else planned_steps

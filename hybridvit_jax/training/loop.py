@@ -94,28 +94,28 @@ def rank_evaluation(meta: dict[str, Any], record: dict[str, Any], metric: str) -
 
 # ---------------------------------------------------------------------------------- model
 def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh,
-                   *, steps_per_epoch: int, total_steps: int):
+                   *, steps_per_epoch: int):
   """The jitted state initialiser and train and eval steps of a run.
 
   Returns (init_state, train_step, eval_step): `init_state()` makes a fresh state with
   replicated parameters (`jax.eval_shape(init_state)` its abstract twin, for restoring).
-  train_step(state, metrics, *step_inputs) takes what inputs.TrainInput.epoch yields for the
-  configured input mode: (train_images, train_labels, epoch_order) for `device`, (images,
-  labels) for `stream`. The state is donated to it so its buffers are reused in place.
+  train_step(state, metrics, *step_inputs, total_steps=N) takes what inputs.TrainInput.epoch
+  yields for the configured input mode: (train_images, train_labels, epoch_order) for `device`,
+  (images, labels) for `stream`; N, the run's planned length, is traced, so one compile serves
+  every plan. The state is donated to it so its buffers are reused in place.
   """
-  optimizer = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
-                                           total_steps=total_steps)
+  make_optimizer = functools.partial(optimizer_lib.make_optimizer, config.optimizer, steps_per_epoch=steps_per_epoch)
   graphdef = model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
   replicated = NamedSharding(mesh, P())
-  init = functools.partial(init_train_state, config.model, optimizer, num_classes=info.num_classes,
-                           image_shape=info.image_shape, seed=config.seed, keep_ema=bool(config.ema_decay),
-                           keep_slow_weights=bool(config.lookahead_decay))
+  init = functools.partial(init_train_state, config.model, make_optimizer(total_steps=1),  # the state's structure
+                           num_classes=info.num_classes, image_shape=info.image_shape, seed=config.seed,
+                           keep_ema=bool(config.ema_decay), keep_slow_weights=bool(config.lookahead_decay))
   init_state = jax.jit(init, out_shardings=replicated)
   step_on_inputs = steps.train_step_on_device_data if config.data.input_mode == 'device' else steps.train_step
   train_step = jax.jit(
-      functools.partial(step_on_inputs, graphdef=graphdef, optimizer=optimizer,
-                        seed_key=steps.training_seed_key(config.seed),
-                        num_classes=info.num_classes, config=config, total_steps=total_steps),
+      functools.partial(step_on_inputs, graphdef=graphdef,
+                        make_optimizer=make_optimizer,
+                        seed_key=steps.training_seed_key(config.seed), num_classes=info.num_classes, config=config),
       out_shardings=replicated, donate_argnums=(0, 1))
   eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, config=config),
                       out_shardings=replicated, donate_argnums=(1,))
@@ -233,20 +233,18 @@ def check_finite(state: TrainState, config: ml_collections.ConfigDict, checkpoin
 
 # --------------------------------------------------------------------------------- budget
 class BudgetProbe:
-  """Times a budgeted run's first steps from where this session started: the first (the compile),
-  then budget.PROBE_FIRST_STEP to budget.PROBE_LAST_STEP (the speed a step)."""
+  """Times a budgeted run's steps budget.PROBE_FIRST_STEP to budget.PROBE_LAST_STEP of this
+  session (the compile and the first steps' warm-up are over by then): the speed a step."""
 
   def __init__(self, start_step: int, *, clock=time.time):
-    self.start_time = clock()
     self._clock = clock
-    self.compiled_step, self.first_step, self.last_step = (
-        start_step + 1, start_step + budget.PROBE_FIRST_STEP, start_step + budget.PROBE_LAST_STEP)
+    self.first_step, self.last_step = start_step + budget.PROBE_FIRST_STEP, start_step + budget.PROBE_LAST_STEP
     self.times: dict[int, float] = {}
 
   def timed(self, state: TrainState, step: int) -> bool:
     """Called after dispatching the step that brings the run to `step`; waits for it if it is one
     of the timed steps, and is True once the last of them is done."""
-    if step in (self.compiled_step, self.first_step, self.last_step):
+    if step in (self.first_step, self.last_step):
       jax.block_until_ready(state.step)
       self.times[step] = self._clock()
     return step == self.last_step
@@ -255,13 +253,12 @@ class BudgetProbe:
     timed_steps = self.last_step - self.first_step
     return budget.Speed(
         seconds_per_step=(self.times[self.last_step] - self.times[self.first_step]) / timed_steps,
-        seconds_per_eval_batch=seconds_per_eval_batch,
-        compile_seconds=self.times[self.compiled_step] - self.start_time)
+        seconds_per_eval_batch=seconds_per_eval_batch)
 
 
 class StepTimer:
   """Seconds a training step since the run's plan was last made (or this session started): from
-  the first step done after it (a recompile is not counted), less the evaluations between."""
+  the first step done after it, less the evaluations between."""
 
   def __init__(self, *, clock=time.time):
     self._clock = clock
@@ -291,37 +288,35 @@ class StepTimer:
 
 def speed_since_plan(step_timer: StepTimer, step: int, meta: dict[str, Any]) -> budget.Speed | None:
   """The speed to plan from at `step`: the steps since the last plan (`step_timer`), the last
-  evaluation batch and compile times kept in `meta`; None before the first plan, or while no step
-  since it was timed."""
+  evaluation batch's time kept in `meta`; None before the first plan, or while no step since it
+  was timed."""
   seconds_per_step = step_timer.seconds_per_step(step)
   if 'planned_steps' not in meta or 'seconds_per_eval_batch' not in meta or seconds_per_step is None:
     return None
-  return budget.Speed(seconds_per_step=seconds_per_step, seconds_per_eval_batch=meta['seconds_per_eval_batch'],
-                      compile_seconds=meta.get('compile_seconds', 0.0))
+  return budget.Speed(seconds_per_step=seconds_per_step, seconds_per_eval_batch=meta['seconds_per_eval_batch'])
 
 
 def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step: int, elapsed_s: float,
                 max_total_steps: int, steps_per_epoch: int, eval_batches: int,
                 planned_steps: int | None = None) -> int:
-  """The run's total steps under its time budget at the measured `speed`: the first plan
-  (`planned_steps` None), or at an evaluation or periodic checkpoint the new plan where
-  budget.replanned_steps takes it over `planned_steps`. A plan made or changed is logged in one line."""
+  """The run's total steps under its time budget at the measured `speed`, at its first plan
+  (`planned_steps` None) or at a later one (the run's plan until now: `planned_steps`). A plan made
+  or changed is logged in one line."""
   new_plan = budget.steps_in_budget(
       budget_s=config.budget_minutes * 60.0, elapsed_s=elapsed_s, step=step, speed=speed,
       max_steps=max_total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=config.eval_every_epochs,
       eval_batches=eval_batches)
   if jax.process_count() > 1:  # every process follows process 0's plan
     new_plan = int(multihost_utils.broadcast_one_to_all(np.int32(new_plan)))
-  if planned_steps is not None:
-    if budget.replanned_steps(planned_steps, new_plan, step=step, speed=speed) == planned_steps:
-      return planned_steps
-  evaluations = budget.evaluation_count(new_plan, steps_per_epoch=steps_per_epoch,
+  if new_plan == planned_steps:
+    return planned_steps
+  evaluations = budget.evaluations_left(new_plan, step=step, steps_per_epoch=steps_per_epoch,
                                         eval_every_epochs=config.eval_every_epochs)
   logging.info('time budget of %g minutes: %s%d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluations '
-               'of %d batches at %.0f ms a batch, %.1f s a compile', config.budget_minutes,
+               'to come of %d batches at %.0f ms a batch', config.budget_minutes,
                '' if planned_steps is None else f're-planned at step {step} ({elapsed_s:.0f} s) from {planned_steps} to ',
                new_plan, new_plan / steps_per_epoch, max_total_steps, 1e3 * speed.seconds_per_step, evaluations,
-               eval_batches, 1e3 * speed.seconds_per_eval_batch, speed.compile_seconds)
+               eval_batches, 1e3 * speed.seconds_per_eval_batch)
   return new_plan
 
 
@@ -369,8 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     configuration.save_run_config(config, workdir)
 
   # -- state, steps.
-  init_state, train_step, eval_step = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
-                                                     total_steps=total_steps)
+  init_state, train_step, eval_step = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch)
 
   # -- checkpoint: resume from the newest restorable one.
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
@@ -378,9 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = checkpoints.restore(jax.eval_shape(init_state))
   if restored is not None:
     state, meta = restored
-    if config.budget_minutes and meta.get('planned_steps', total_steps) != total_steps:
-      total_steps = meta['planned_steps']  # the schedule the time budget planned at the run's start
-      _, train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if config.budget_minutes and 'planned_steps' in meta:
+      total_steps = meta['planned_steps']  # the schedule the time budget planned before the stop
     logging.info('resumed from step %d of %d', int(state.step), total_steps)
   else:
     state = init_state()
@@ -396,12 +389,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                          for k, v in configuration.flatten(config.to_dict()).items()})
   hooks = progress_hooks(writer, total_steps)
-
-  def step_and_hooks(planned_total_steps: int):
-    """The train step (a new compile) and progress hooks of a schedule `planned_total_steps` long."""
-    _, new_train_step, _ = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch,
-                                          total_steps=planned_total_steps)
-    return new_train_step, progress_hooks(writer, planned_total_steps)
 
   if config.early_stopping_patience and meta['epochs_without_improvement'] >= config.early_stopping_patience:
     logging.info('this run stopped early (no better %s for %d evaluations): nothing to train',
@@ -426,19 +413,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   record: dict[str, Any] = {}
   session_start = time.time() - meta['elapsed_s']
 
-  def plan_again(step: int, speed: budget.Speed) -> None:
-    """Plans the run's steps again at `step` (an evaluation or a periodic checkpoint) from `speed`;
-    where the new plan ends the run elsewhere, the step is rebuilt for its schedule."""
-    nonlocal total_steps, train_step, hooks, meta, evaluation_reserve_s
+  def plan(step: int, speed: budget.Speed) -> None:
+    """Plans the run's steps at `step` from `speed`: after the probe's steps, then again at every
+    evaluation and periodic checkpoint. The schedule's length is an argument of the train step,
+    so a new plan costs no compile; the step timer starts again, for the speed since this plan."""
+    nonlocal total_steps, hooks, meta, evaluation_reserve_s
     planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
                                 max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
-                                eval_batches=eval_batches, planned_steps=total_steps)
+                                eval_batches=eval_batches, planned_steps=meta.get('planned_steps'))
     evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
-    meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s}
-    if planned_steps != total_steps:  # the run ends elsewhere: a new step to compile
+    meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s,
+            'seconds_per_eval_batch': speed.seconds_per_eval_batch}
+    if planned_steps != total_steps:
       total_steps = planned_steps
-      train_step, hooks = step_and_hooks(total_steps)
-      step_timer.restart()
+      hooks = progress_hooks(writer, total_steps)
+    step_timer.restart()
 
   step = start_step
   pacer = DispatchPacer(step)
@@ -451,24 +440,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step_inputs in train_input.epoch(epoch, first_step=step - epoch * steps_per_epoch):
         if step >= epoch_end or stop:
           break
-        state, metrics = train_step(state, metrics, *step_inputs)
+        state, metrics = train_step(state, metrics, *step_inputs, total_steps=total_steps)
         step += 1
         pacer.after_step(state, step)
         if probe is not None and probe.timed(state, step):  # its last step: plan the run's length
-          speed = probe.speed(seconds_per_eval_batch(eval_step, state, eval_sources['val'](),
-                                                     batch_size=config.eval_batch_size, mesh=mesh))
-          planned_steps = plan_budget(config, speed, step=step, elapsed_s=time.time() - session_start,
-                                      max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
-                                      eval_batches=eval_batches)
-          evaluation_reserve_s = budget.evaluation_reserve_s(speed, eval_batches)
-          meta = {**meta, 'planned_steps': planned_steps, 'evaluation_reserve_s': evaluation_reserve_s,
-                  'compile_seconds': speed.compile_seconds, 'seconds_per_eval_batch': speed.seconds_per_eval_batch}
+          plan(step, probe.speed(seconds_per_eval_batch(eval_step, state, eval_sources['val'](),
+                                                        batch_size=config.eval_batch_size, mesh=mesh)))
           probe = None
-          step_timer.restart()
-          if planned_steps != total_steps:  # the schedule's length changes: a new step to compile
-            total_steps = planned_steps
-            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-            train_step, hooks = step_and_hooks(total_steps)
+          epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
         elif budget_s and 'planned_steps' in meta:
           step_timer.after_step(state, step)
         if budget_s and step < total_steps and deadline_reached(
@@ -488,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           # until an evaluation that may be the run's last.
           speed = speed_since_plan(step_timer, step, meta)
           if budget_s and speed is not None:
-            plan_again(step, speed)
+            plan(step, speed)
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
           checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
       if stop:
@@ -515,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         meta = {**meta, 'seconds_per_eval_batch': evaluation_s / max(eval_batches, 1)}
       speed = speed_since_plan(step_timer, step, meta)
       if budget_s and step < total_steps and speed is not None:
-        plan_again(step, speed)
+        plan(step, speed)
       record = {
           'epoch': epoch + 1 if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3),
           'step': step,

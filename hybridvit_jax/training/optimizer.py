@@ -16,22 +16,30 @@ LINEAR_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0,), out
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
+                           total_steps: int | jax.Array) -> optax.Schedule:
   """Linear warmup from 0 to the peak over `warmup_epochs`, then to `end_learning_rate_factor` x peak at
-  `total_steps` along a cosine ('cosine') or a straight line ('linear'), or the peak throughout ('constant')."""
+  `total_steps` along a cosine ('cosine') or a straight line ('linear'), or the peak throughout ('constant').
+
+  `total_steps` may be a traced int32 scalar: the train step takes the run's planned length as an
+  argument, so a time budget's new plan changes the schedule without a recompile (optax's own
+  schedules need their lengths as Python numbers).
+  """
   peak = opt_config.learning_rate
-  warmup_steps = min(int(opt_config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  decay_steps = max(total_steps - warmup_steps, 1)
-  if opt_config.schedule == 'constant':
-    after_warmup = optax.constant_schedule(peak)
-  elif opt_config.schedule == 'linear':
-    after_warmup = optax.linear_schedule(peak, peak * opt_config.end_learning_rate_factor, decay_steps)
-  else:
-    after_warmup = optax.cosine_decay_schedule(peak, decay_steps=decay_steps, alpha=opt_config.end_learning_rate_factor)
-  if warmup_steps == 0:
-    return after_warmup
-  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-  return optax.join_schedules([warmup, after_warmup], boundaries=[warmup_steps])
+  end = peak * opt_config.end_learning_rate_factor
+  warmup_steps = jnp.minimum(int(opt_config.warmup_epochs * steps_per_epoch), jnp.maximum(total_steps - 1, 0))
+  decay_steps = jnp.maximum(total_steps - warmup_steps, 1)
+
+  def schedule(count):
+    warmup = peak * count / jnp.maximum(warmup_steps, 1)
+    progress = jnp.clip((count - warmup_steps) / decay_steps, 0.0, 1.0)
+    if opt_config.schedule == 'constant':
+      after_warmup = jnp.full_like(progress, peak)
+    elif opt_config.schedule == 'linear':
+      after_warmup = peak + (end - peak) * progress
+    else:
+      after_warmup = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warmup_steps, warmup, after_warmup)
+  return schedule
 
 
 def _path_keys(path) -> list:
@@ -121,7 +129,7 @@ def muon_for_matrices(opt_config: ml_collections.ConfigDict, schedule: optax.Sch
 
 
 def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
-                   total_steps: int) -> optax.GradientTransformation:
+                   total_steps: int | jax.Array) -> optax.GradientTransformation:
   """The full update rule: optional global-norm clipping, then adam / adamw / lamb / sgd / muon (sgd
   with Muon on the kernels BatchNorm follows), the BatchNorm biases' steps times
   `batch_norm_bias_learning_rate_factor` (their learning rate's factor: no weight decay reaches them);

@@ -3,6 +3,8 @@
 Shapes: B is the global batch, K the number of classes, images are uint8 [B, H, W, C] until
 `prepare_images` turns them into normalised float32 inside the step.
 """
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,7 +77,7 @@ def fit_to_data(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
   return state.replace(model_state=model_state)
 
 
-def lookahead(state: TrainState, *, total_steps: int, peak_decay: float, every_steps: int) -> TrainState:
+def lookahead(state: TrainState, *, total_steps: int | jax.Array, peak_decay: float, every_steps: int) -> TrainState:
   """airbench's Lookahead after the update that brought the run to `state.step`: every
   `every_steps` steps the slow weights (state.ema_params: {'params', 'model_state'}, parameters and
   BatchNorm statistics) become d * slow + (1 - d) * trained and the trained ones are set to them,
@@ -120,12 +122,14 @@ def batch_of_step(train_images: jax.Array, train_labels: jax.Array, epoch_order:
 
 
 def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
-               flips: jax.Array | None = None, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               seed_key: jax.Array, num_classes: int, config: ml_collections.ConfigDict, total_steps: int,
-               ) -> tuple[TrainState, ClassificationMetrics]:
+               flips: jax.Array | None = None, *, total_steps: jax.Array, graphdef: nnx.GraphDef,
+               make_optimizer: Callable[..., optax.GradientTransformation], seed_key: jax.Array,
+               num_classes: int, config: ml_collections.ConfigDict) -> tuple[TrainState, ClassificationMetrics]:
   """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B]; flips bool [B]
-  (optional) are the examples to mirror, in place of the random flip. `total_steps` is the run's
-  length (for lookahead's schedule).
+  (optional) are the examples to mirror, in place of the random flip. `total_steps` (int32
+  scalar) is the run's planned length, which the learning rates and lookahead follow; it is an
+  argument, not a constant, so a time budget that plans again does not recompile the step.
+  make_optimizer(total_steps=...) is the update rule of a schedule that long.
 
   The augmentation and dropout keys are `fold_in(seed_key, step)`, so a resumed run repeats
   exactly what an uninterrupted one would have done.
@@ -143,7 +147,7 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Ar
   # A non-finite loss or gradient: optax.apply_if_finite skips the update; the BatchNorm
   # statistics are kept too, and the step is recorded for the loop to act on.
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  updates, opt_state = make_optimizer(total_steps=total_steps).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
