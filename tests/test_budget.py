@@ -24,22 +24,25 @@ def test_evaluations_left_leave_out_those_at_or_before_the_step():
   assert [left(45, step) for step in (0, 19, 20, 21, 39, 40, 44)] == [3, 3, 2, 2, 2, 1, 1]
 
 
-def seconds_of_plan(total_steps: int, *, step: int, eval_batches: int) -> float:
-  """The plan's remaining work, counted by hand: evaluations after every 2nd epoch and at the end."""
-  evaluations = len([end for end in range(200, total_steps, 200) if end > step]) + 1
-  return (total_steps - step) * SPEED.seconds_per_step + evaluations * eval_batches * SPEED.seconds_per_eval_batch
+def seconds_to_deadline(total_steps: int, *, step: int, eval_batches: int) -> float:
+  """The plan's work before its last evaluation, counted by hand: the steps and the evaluations
+  after every 2nd epoch, then the last evaluation's reserve (1.5 times its batches, the slack)."""
+  evaluations_before_last = len([end for end in range(200, total_steps, 200) if end > step])
+  return ((total_steps - step) * SPEED.seconds_per_step
+          + evaluations_before_last * eval_batches * SPEED.seconds_per_eval_batch)
 
 
 @pytest.mark.parametrize('budget_s, elapsed_s, step, eval_batches',
                          [(600.0, 20.0, 23, 10), (1800.0, 30.0, 23, 20), (300.0, 100.0, 250, 0),
                           (900.0, 500.0, 400, 30)])
-def test_plan_is_the_most_steps_whose_work_fits_the_time_left_less_the_margin(budget_s, elapsed_s, step, eval_batches):
+def test_plan_is_the_most_steps_whose_work_ends_before_the_deadline_less_the_margin(budget_s, elapsed_s, step, eval_batches):
   kwargs = dict(budget_s=budget_s, elapsed_s=elapsed_s, step=step, speed=SPEED, steps_per_epoch=100,
                 eval_every_epochs=2, eval_batches=eval_batches)
   planned = budget.steps_in_budget(max_steps=100_000, **kwargs)
-  usable_s = (budget_s - elapsed_s) * (1 - budget.SAFETY_MARGIN)
-  assert seconds_of_plan(planned, step=step, eval_batches=eval_batches) <= usable_s
-  assert seconds_of_plan(planned + 1, step=step, eval_batches=eval_batches) > usable_s
+  reserve_s = 1.5 * eval_batches * SPEED.seconds_per_eval_batch + budget.DEADLINE_SLACK_S
+  usable_s = (budget_s - reserve_s - elapsed_s) * (1 - budget.SAFETY_MARGIN)
+  assert seconds_to_deadline(planned, step=step, eval_batches=eval_batches) <= usable_s
+  assert seconds_to_deadline(planned + 1, step=step, eval_batches=eval_batches) > usable_s
   assert budget.steps_in_budget(max_steps=planned - 7, **kwargs) == planned - 7  # never past the cap
   # Spent already: still one more step, so the run ends with an evaluation.
   assert budget.steps_in_budget(max_steps=100_000, **{**kwargs, 'elapsed_s': budget_s}) == step + 1

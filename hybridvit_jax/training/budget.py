@@ -2,8 +2,9 @@
 this machine, so that "train for 30 minutes" means the same thing on a fast hour and a slow one.
 
 The loop times the run's own first steps (after the compile) and one evaluation batch, then
-`steps_in_budget` returns the most steps whose training and evaluations fit in what is left of
-the budget, with `SAFETY_MARGIN` to spare. At every evaluation and every periodic checkpoint
+`steps_in_budget` returns the most steps whose training and evaluations end before the deadline
+(the budget less the reserve for the last evaluation, `evaluation_reserve_s`: where the loop
+stops training whatever the plan), with `SAFETY_MARGIN` to spare. At every evaluation and every periodic checkpoint
 (`checkpoint_every_steps`) the loop plans again from the speed since the last plan (a shared
 machine's speed drifts within a run). The plan's length is an argument of the train step, so a
 new plan costs no compile. The plan is kept in every checkpoint, so a resumed run follows the
@@ -51,14 +52,17 @@ def evaluations_left(total_steps: int, *, step: int, steps_per_epoch: int, eval_
 def steps_in_budget(*, budget_s: float, elapsed_s: float, step: int, speed: Speed, max_steps: int,
                     steps_per_epoch: int, eval_every_epochs: int, eval_batches: int) -> int:
   """The most steps (at most `max_steps`, at least `step + 1`) a run at `step`, `elapsed_s` into a
-  budget of `budget_s`, can train and evaluate in the budget at `speed`, keeping SAFETY_MARGIN of
-  the time left: the rest of the steps and the evaluations still to come."""
-  usable_s = (budget_s - elapsed_s) * (1.0 - SAFETY_MARGIN)
+  budget of `budget_s`, can train at `speed` with the evaluations still to come before its last
+  one, keeping SAFETY_MARGIN of the time to its deadline (the budget less `evaluation_reserve_s`,
+  which the last evaluation takes): a plan the deadline does not cut, so the run ends on its
+  schedule (learning rates at their end values, lookahead's last pull)."""
+  usable_s = (budget_s - evaluation_reserve_s(speed, eval_batches) - elapsed_s) * (1.0 - SAFETY_MARGIN)
 
   def seconds(total_steps: int) -> float:
-    evaluations = evaluations_left(total_steps, step=step, steps_per_epoch=steps_per_epoch,
-                                   eval_every_epochs=eval_every_epochs)
-    return (total_steps - step) * speed.seconds_per_step + evaluations * eval_batches * speed.seconds_per_eval_batch
+    evaluations_before_last = evaluations_left(total_steps, step=step, steps_per_epoch=steps_per_epoch,
+                                               eval_every_epochs=eval_every_epochs) - 1
+    return ((total_steps - step) * speed.seconds_per_step
+            + evaluations_before_last * eval_batches * speed.seconds_per_eval_batch)
 
   fits, too_many = step + 1, min(max_steps, step + max(1, math.floor(usable_s / speed.seconds_per_step))) + 1
   while too_many - fits > 1:  # seconds() grows with the steps: bisect for the last count that fits
