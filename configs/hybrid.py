@@ -36,9 +36,9 @@ def get_config(preset: str = ''):
       recipe={**common.TRANSFORMER_RECIPE, 'num_epochs': 300},
       paper=common.TRANSFORMER_PAPER,
       # Target on 2 CPU cores: >= 90% test accuracy within 30 minutes. Measured for these settings
-      # (README): 89.88%, 89.87%, 90.11% and 90.07% on the step of `4ff469f` (7.5-7.8 epochs; mean
-      # 89.98%); 90.21%, 89.57%, 89.62% and 89.61% (seed 1) on the 10% slower step before it (6.7-6.9
-      # epochs): met in three of eight runs, 0.02 short on the mean of the current step's four.
+      # (README): 89.88%, 89.87%, 90.11%, 90.07% (7.5-7.8 epochs) and, with plans that cost no compile,
+      # 89.99%, 89.88% (8.1 epochs) on the step of `4ff469f`: mean 89.97%, met in two of six runs, 0.03
+      # short on the mean; 90.21%, 89.57%, 89.62% and 89.61% (seed 1) on the 10% slower step before it.
       # Muon on the stem's convolutions (airbench's: each kernel rescaled to norm sqrt(out) before
       # its orthogonalised step) and SGD-Nesterov on the rest: +6 points after one epoch over SGD
       # alone, which trains the BatchNorm conv stem far faster than AdamW (README "runs tried").
@@ -54,8 +54,9 @@ def get_config(preset: str = ''):
       # The run trains for 30 minutes, not a step count: this machine's speed varies by a factor of
       # ~1.8 from hour to hour (the v12 network's step: 429 ms in `benchmark` in a fast hour, 745-770 ms
       # in slow ones), so the time budget plans the steps from the first ones' speed, and again at
-      # every evaluation (every 3 epochs: 7.5-7.8 epochs of this network in a fast hour since `4ff469f`). 49,000 training images (1,000
-      # held out to validate on) and test-time shifts (+0.36 points test on the same weights) with the flip.
+      # every evaluation (every 3 epochs: ~8.1 epochs of this network in a fast hour). 49,000 training
+      # images (1,000 held out to validate on) and test-time shifts (+0.36 points test on the same
+      # weights) with the flip.
       # The best checkpoint is the one of the lowest val loss: on 1,000 images the accuracy of the last
       # two evaluations can differ by a few images (a run with seed 1 kept epoch 6's, 88.3% against
       # 88.5% val, and tested 88.56% where its last checkpoint tests 89.61%); the loss fell to the last

@@ -312,7 +312,7 @@ def plan_budget(config: ml_collections.ConfigDict, speed: budget.Speed, *, step:
     return planned_steps
   evaluations = budget.evaluations_left(new_plan, step=step, steps_per_epoch=steps_per_epoch,
                                         eval_every_epochs=config.eval_every_epochs)
-  logging.info('time budget of %g minutes: %s%d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluations '
+  logging.info('time budget of %g minutes: %s%d steps (%.2f epochs; at most %d) at %.0f ms a step, %d evaluation(s) '
                'to come of %d batches at %.0f ms a batch', config.budget_minutes,
                '' if planned_steps is None else f're-planned at step {step} ({elapsed_s:.0f} s) from {planned_steps} to ',
                new_plan, new_plan / steps_per_epoch, max_total_steps, 1e3 * speed.seconds_per_step, evaluations,
