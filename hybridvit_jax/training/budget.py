@@ -4,11 +4,11 @@ this machine, so that "train for 30 minutes" means the same thing on a fast hour
 The loop times the run's own first steps (after the compile) and one evaluation batch, then
 `steps_in_budget` returns the most steps whose training and evaluations end before the deadline
 (the budget less the reserve for the last evaluation, `evaluation_reserve_s`: where the loop
-stops training whatever the plan), with `SAFETY_MARGIN` to spare. At every evaluation and every periodic checkpoint
-(`checkpoint_every_steps`) the loop plans again from the speed since the last plan (a shared
-machine's speed drifts within a run). The plan's length is an argument of the train step, so a
-new plan costs no compile. The plan is kept in every checkpoint, so a resumed run follows the
-schedule it had. Pure functions only: the clock is read in the loop.
+stops training whatever the plan), with `SAFETY_MARGIN` to spare. At every evaluation and every
+periodic checkpoint (`checkpoint_every_steps`) the loop plans again from the speed since the last
+plan (a shared machine's speed drifts within a run). The plan's length is an argument of the
+train step, so a new plan costs no compile. The plan is kept in every checkpoint, so a resumed
+run follows the schedule it had. Pure functions only: the clock is read in the loop.
 """
 import dataclasses
 import math
@@ -46,7 +46,8 @@ def evaluations_left(total_steps: int, *, step: int, steps_per_epoch: int, eval_
   """Evaluations a run of `total_steps` makes after `step`: those of `evaluation_count` less the
   ones at whole epochs up to `step` (done, or being done, when the run plans there)."""
   evaluations_done = step // steps_per_epoch // eval_every_epochs
-  return evaluation_count(total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=eval_every_epochs) - evaluations_done
+  all_evaluations = evaluation_count(total_steps, steps_per_epoch=steps_per_epoch, eval_every_epochs=eval_every_epochs)
+  return all_evaluations - evaluations_done
 
 
 def steps_in_budget(*, budget_s: float, elapsed_s: float, step: int, speed: Speed, max_steps: int,
