@@ -133,3 +133,12 @@ def test_run_ends_with_an_evaluation_at_the_deadline(tmp_path):
   assert (record['step'], record['planned_steps']) == (1, 1)
   assert 0.0 <= record['val_accuracy'] <= 1.0
   assert [r['step'] for r in loop.read_history(tmp_path)] == [1]
+
+
+def test_lookahead_run_cut_by_the_deadline_ends_on_its_slow_weights(tmp_path):
+  config = budget_config(budget_minutes=1e-4, lookahead_decay=0.8, lookahead_every_steps=5)
+  config.optimizer.warmup_epochs = 0.0  # so the one step taken moves the weights (warmup's first rate is 0)
+  assert loop.train_and_evaluate(config, tmp_path)['step'] == 1  # cut before its first pull (step 5)
+  state = restore_run(tmp_path, 'latest')[3]
+  jax.tree.map(np.testing.assert_array_equal, (state.params, state.model_state),
+               (state.ema_params['params'], state.ema_params['model_state']))

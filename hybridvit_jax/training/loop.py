@@ -397,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # -- time budget: the steps that fit are planned from the first steps' speed and again at every
   # evaluation and periodic checkpoint from the speed since (budget.py); at the deadline (the
-  # budget less the last evaluation) the run ends wherever it is.
+  # budget less the last evaluation) the run ends wherever it is (on Lookahead's slow weights).
   budget_s = config.budget_minutes * 60.0
   probe, eval_batches, step_timer = None, 0, StepTimer()
   if budget_s:
@@ -456,6 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.warning('time budget of %g minutes reached at step %d of the %d planned: ending the run here',
                           config.budget_minutes, step, total_steps)
           total_steps = epoch_end = step
+          if config.lookahead_decay:  # end on the slow weights, as at the planned last step
+            state = jax.jit(steps.end_lookahead, donate_argnums=0)(state)
         if step % config.log_every_steps == 0:
           check_finite(state, config, checkpoints)  # waits for the step: the host is not ahead here
           writer.write_scalars(step, {f'train_{k}': v for k, v in metrics.compute().items()})

@@ -97,6 +97,13 @@ def lookahead(state: TrainState, *, total_steps: int | jax.Array, peak_decay: fl
   return state.replace(params=new_trained['params'], model_state=new_trained['model_state'], ema_params=slow)
 
 
+def end_lookahead(state: TrainState) -> TrainState:
+  """A Lookahead run ended before its planned last step (by its time budget's deadline): the
+  trained weights and BatchNorm statistics set to the slow ones, as `lookahead` sets them at the
+  planned last step, so the run ends on the slow weights either way."""
+  return lookahead(state, total_steps=state.step, peak_decay=1.0, every_steps=1)
+
+
 def training_seed_key(seed: int) -> jax.Array:
   """The key every step's randomness is folded from (distinct from the parameter-init key)."""
   return jax.random.fold_in(jax.random.key(seed), 1)
