@@ -166,6 +166,19 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
   assert record['step'] == 7 and 0 < record['skipped_steps'] <= 7
 
 
+
+def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, 'DIVERGED_LOSS_FACTOR', 1e-3)  # so the smoke run's own loss counts as diverged
+  config = vit.get_config('smoke')  # 7 steps an epoch: the checkpoint of step 7, then the log of step 10
+  config.update({'num_epochs': 2, 'log_every_steps': 10, 'eval_test_every_epoch': False})
+  with pytest.raises(loop.DivergedLossError,
+                     match=r"training diverged: train loss \S+ at step 10, over 0.001 times chance's 2.30; "
+                           r'the last good checkpoint is step 7'):
+    loop.train_and_evaluate(config, tmp_path)
+  assert saved_steps(tmp_path) == [7] and [r['step'] for r in loop.read_history(tmp_path)] == [7]
+  config.nan_policy = 'skip'  # goes on, as with non-finite losses
+  assert loop.train_and_evaluate(config, tmp_path)['step'] == 14
+
 BAD_OVERRIDES = {
     '--config.batch_size=0': 'batch_size',
     '--config.batch_size=63': 'batch_size',  # not divisible by the 2 devices

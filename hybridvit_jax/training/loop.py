@@ -41,6 +41,16 @@ class NonFiniteLossError(RuntimeError):
   """Training hit a non-finite loss with nan_policy='stop'; the message names the step."""
 
 
+class DivergedLossError(NonFiniteLossError):
+  """Training diverged with nan_policy='stop': a finite train loss past DIVERGED_LOSS_FACTOR times
+  chance's; the message names the step."""
+
+
+# A train loss this many times chance's (log of the class count) is a run that has diverged though
+# its loss stays finite (a blown-up network can train for hours at 10^13 without one inf).
+DIVERGED_LOSS_FACTOR = 100.0
+
+
 # ----------------------------------------------------------------------------------- mesh
 def make_mesh() -> jax.sharding.Mesh:
   """All devices (of all processes) on one `data` axis; batches are split along it."""
@@ -223,12 +233,28 @@ def check_finite(state: TrainState, config: ml_collections.ConfigDict, checkpoin
   first_bad_step = int(state.first_nonfinite_step)
   if first_bad_step < 0 or config.nan_policy != 'stop':
     return
+  raise NonFiniteLossError(
+      f'non-finite loss at step {first_bad_step + 1}; {last_good_checkpoint(checkpoints)}: rerun with a lower '
+      '--config.optimizer.learning_rate, or --config.nan_policy=skip to skip such steps')
+
+
+def check_not_diverged(train_loss: float, step: int, *, num_classes: int, config: ml_collections.ConfigDict,
+                       checkpoints: RunCheckpoints) -> None:
+  """Raises DivergedLossError if nan_policy is 'stop' and `train_loss` (the mean since the epoch
+  began, at `step`) is over DIVERGED_LOSS_FACTOR times chance's, log(num_classes)."""
+  chance = math.log(num_classes)
+  if config.nan_policy != 'stop' or not train_loss > DIVERGED_LOSS_FACTOR * chance:
+    return
+  raise DivergedLossError(
+      f'training diverged: train loss {train_loss:.3g} at step {step}, over {DIVERGED_LOSS_FACTOR:g} times '
+      f"chance's {chance:.2f}; {last_good_checkpoint(checkpoints)}: rerun with a lower --config.optimizer.learning_rate")
+
+
+def last_good_checkpoint(checkpoints: RunCheckpoints) -> str:
+  """Where a stopped run's last good state is, in words (after waiting for pending saves)."""
   checkpoints.wait()
   last_good = checkpoints.latest.latest_step()
-  resume_from = f'the last good checkpoint is step {last_good}' if last_good is not None else 'no checkpoint yet'
-  raise NonFiniteLossError(
-      f'non-finite loss at step {first_bad_step + 1}; {resume_from}: rerun with a lower '
-      '--config.optimizer.learning_rate, or --config.nan_policy=skip to skip such steps')
+  return f'the last good checkpoint is step {last_good}' if last_good is not None else 'no checkpoint yet'
 
 
 # --------------------------------------------------------------------------------- budget
@@ -460,7 +486,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = jax.jit(steps.end_lookahead, donate_argnums=0)(state)
         if step % config.log_every_steps == 0:
           check_finite(state, config, checkpoints)  # waits for the step: the host is not ahead here
-          writer.write_scalars(step, {f'train_{k}': v for k, v in metrics.compute().items()})
+          train_metrics = metrics.compute()
+          writer.write_scalars(step, {f'train_{k}': v for k, v in train_metrics.items()})
+          check_not_diverged(float(train_metrics['loss']), step, num_classes=info.num_classes, config=config,
+                             checkpoints=checkpoints)
           for hook in hooks:  # so steps/s and the ETA count finished steps, not dispatched ones
             hook(step)
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
@@ -472,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             plan(step, speed)
             epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
           checkpoints.save(step, state, {**meta, 'elapsed_s': time.time() - session_start})
-      if stop:
+      if stop and step < epoch_end:  # a stop at an epoch's end first records the epoch's evaluation
         break
 
       # -- end of epoch (or of max_steps): checkpoint; every eval_every_epochs-th epoch and at the
