@@ -247,7 +247,8 @@ def check_not_diverged(train_loss: float, step: int, *, num_classes: int, config
     return
   raise DivergedLossError(
       f'training diverged: train loss {train_loss:.3g} at step {step}, over {DIVERGED_LOSS_FACTOR:g} times '
-      f"chance's {chance:.2f}; {last_good_checkpoint(checkpoints)}: rerun with a lower --config.optimizer.learning_rate")
+      f"chance's {chance:.2f}; {last_good_checkpoint(checkpoints)}: rerun with a lower "
+      '--config.optimizer.learning_rate')
 
 
 def last_good_checkpoint(checkpoints: RunCheckpoints) -> str:
