@@ -167,7 +167,6 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatc
   assert record['step'] == 7 and 0 < record['skipped_steps'] <= 7
 
 
-
 def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
   monkeypatch.setattr(loop, 'DIVERGED_LOSS_FACTOR', 1e-3)  # so the smoke run's own loss counts as diverged
   config = vit.get_config('smoke')  # 7 steps an epoch: the checkpoint of step 7, then the log of step 10
@@ -179,6 +178,7 @@ def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monk
   assert saved_steps(tmp_path) == [7] and [r['step'] for r in loop.read_history(tmp_path)] == [7]
   config.nan_policy = 'skip'  # goes on, as with non-finite losses
   assert loop.train_and_evaluate(config, tmp_path)['step'] == 14
+
 
 BAD_OVERRIDES = {
     '--config.batch_size=0': 'batch_size',
