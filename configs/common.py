@@ -4,7 +4,7 @@
     get_config('paper')  the study as published: Adam, batch 128, 20 epochs, pixels in [0, 1],
                          no augmentation, no schedule
     get_config('cpu')    a fast track for 2 CPU cores on real CIFAR-10: a network and budget sized
-                         for minutes, not hours (see each config file for its target)
+                         for minutes, not hours (results: docs/results.md)
     get_config('smoke')  a tiny variant of the network on a tiny in-process synthetic data set:
                          under a minute on 2 CPU cores, writes everything a real run writes
 """
@@ -20,7 +20,7 @@ PRESETS = ('', 'paper', 'cpu', 'smoke')
 TRANSFORMER_RECIPE = {
     'batch_size': 256, 'optimizer.name': 'adamw', 'optimizer.learning_rate': 1e-3,
     'optimizer.weight_decay': 0.05, 'optimizer.warmup_epochs': 10.0, 'label_smoothing': 0.1,
-    'model.stochastic_depth_rate': 0.1, 'data.randaugment_num_ops': 2, 'data.randaugment_magnitude': 9.0,
+    'model.vit.stochastic_depth_rate': 0.1, 'data.randaugment_num_ops': 2, 'data.randaugment_magnitude': 9.0,
     'data.mixup_alpha': 0.8, 'data.cutmix_alpha': 1.0, 'data.random_erasing': 0.25, 'ema_decay': 0.9998,
     'eval_flip': True}
 # The paper's Transformers: timm ViTs trained with Adam.

@@ -96,13 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.momentum = 0.9  # sgd
   config.optimizer.nesterov = False  # sgd
-  # muon: Muon on the conv kernels BatchNorm follows, sgd (above) on everything else
+  # muon: Muon on the conv kernels BatchNorm follows (models.param_groups), sgd (above) on everything else
   config.optimizer.muon_learning_rate = 0.24  # peak; the schedule's shape is learning_rate's
   config.optimizer.muon_momentum = 0.6  # Nesterov
   config.optimizer.muon_all_matrices = False  # Muon on the other matrices too (not the head's)
-  config.optimizer.muon_other_matrices_learning_rate = 0.0  # their peak; 0 = muon_learning_rate
-  # The BatchNorm biases' learning rate, as a factor of learning_rate (airbench's bias_scaler)
-  config.optimizer.batch_norm_bias_learning_rate_factor = 1.0
   config.optimizer.grad_clip_norm = 1.0  # global norm; 0 = off
 
   config.lock()
@@ -145,9 +142,6 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % device_count:
       _fail(key, config[key], f'must be divisible by the {device_count} devices')
-  if config.ema_decay and config.lookahead_decay:
-    _fail('lookahead_decay', config.lookahead_decay, 'lookahead keeps its slow weights where ema_decay keeps '
-          'its average: set one of lookahead_decay and ema_decay to 0')
   for key in ('label_smoothing', 'ema_decay', 'lookahead_decay', 'data.random_erasing'):
     if not 0.0 <= _lookup(config, key) < 1.0 + (key == 'data.random_erasing'):
       _fail(key, _lookup(config, key), 'expected a value in [0, 1)' if key != 'data.random_erasing' else '[0, 1]')
@@ -169,10 +163,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   _require_choice(config, 'optimizer.schedule', SCHEDULES)
   _require_positive(config, 'optimizer.learning_rate')
   for key in ('optimizer.warmup_epochs', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
-              'optimizer.end_learning_rate_factor', 'optimizer.muon_other_matrices_learning_rate'):
+              'optimizer.end_learning_rate_factor'):
     _require_positive(config, key, allow_zero=True)
   _require_positive(config, 'optimizer.muon_learning_rate')
-  _require_positive(config, 'optimizer.batch_norm_bias_learning_rate_factor')
   for key in ('b1', 'b2', 'momentum', 'muon_momentum'):
     if not 0.0 <= opt[key] < 1.0:
       _fail(f'optimizer.{key}', opt[key], 'expected a value in [0, 1)')
@@ -217,7 +210,12 @@ def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   if not path.exists():
     raise ConfigError(f'{workdir} holds no {RUN_CONFIG_FILE}: is it the --workdir of a training run?')
   config = base_config()
-  config.update(_as_tuples(json.loads(path.read_text())))
+  saved = _as_tuples(json.loads(path.read_text()))
+  unknown = sorted(set(flatten(saved)) - set(flatten(config.to_dict())))
+  if unknown:
+    raise ConfigError(f'{path} was written by an older version of the package ({unknown[0]} is no longer a '
+                      'config key): retrain the run, or use the version that trained it')
+  config.update(saved)
   return config
 
 

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 
 from hybridvit_jax import cli, configuration, data
-from hybridvit_jax.training import inputs, loop
+from hybridvit_jax.training import history, inputs, loop
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 
 EVALUATIONS_FILE = 'evaluations.jsonl'
@@ -57,12 +57,12 @@ def evaluate(workdir: str, checkpoint: str = 'best', split: str = 'test', ema: b
 
 def record_evaluation(workdir: str | pathlib.Path, result: dict) -> None:
   """Appends one `evaluate` result to WORKDIR/evaluations.jsonl."""
-  loop.append_jsonl(pathlib.Path(workdir) / EVALUATIONS_FILE, result)
+  history.append_jsonl(pathlib.Path(workdir) / EVALUATIONS_FILE, result)
 
 
 def read_evaluations(workdir: str | pathlib.Path) -> list[dict]:
   """The `evaluate` results recorded in WORKDIR, oldest first; [] when there are none."""
-  return loop.read_jsonl(pathlib.Path(workdir) / EVALUATIONS_FILE)
+  return history.read_jsonl(pathlib.Path(workdir) / EVALUATIONS_FILE)
 
 
 def define_flags() -> None:

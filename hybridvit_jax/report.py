@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hybridvit_jax import cli, configuration, data, evaluate, models
-from hybridvit_jax.training import loop, steps
+from hybridvit_jax.training import history, steps
 
 MISSING = '–'
 CURVES_FIGURE = 'curves'
@@ -71,7 +71,7 @@ def run_names(run_dirs: Sequence[pathlib.Path]) -> list[str]:
 def read_runs(run_dirs: Sequence[str | pathlib.Path]) -> list[Run]:
   """Every run's config and history; a directory without config.json is a ConfigError."""
   paths = [pathlib.Path(d) for d in run_dirs]
-  return [Run(name, path, configuration.load_run_config(path), loop.read_history(path),
+  return [Run(name, path, configuration.load_run_config(path), history.read_history(path),
               evaluate.read_evaluations(path))
           for name, path in zip(run_names(paths), paths)]
 

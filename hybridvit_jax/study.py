@@ -2,16 +2,17 @@
 
     python -m hybridvit_jax.study --preset=paper --workdir=runs/study [--models=vit,resnet50,hybrid]
         [--config.KEY=VALUE ...]
-    python -m hybridvit_jax.study --sweep=stem_layers --values=0,1,2,3,4 --preset=paper --workdir=runs/stem
+    python -m hybridvit_jax.study --sweep=stem_depth --values=0,1,2,3 --preset=paper --workdir=runs/stem
         [--models=hybrid] [--config.KEY=VALUE ...]
 
 The study trains configs/<model>.py with --preset in WORKDIR/<model> (vit, resnet50, hybrid); a
-sweep trains one network (hybrid unless --models names another) once per value of the config
-key --sweep (a dotted key, or a leaf name that is unique in the schema: stem_layers is
-model.stem_layers), in WORKDIR/<leaf>_<value>, with the values parsed as the key's type. Then
-the report (python -m hybridvit_jax.report) of all the runs goes to WORKDIR/report; a sweep adds
-<name>.md and <name>.png there: accuracy and training images/s against the value (stem_depth for
-model.stem_layers, sweep_<leaf> otherwise).
+sweep trains one network (hybrid unless --models names another) once per value of --sweep, in
+WORKDIR/<leaf>_<value>: a config key (a dotted key, or a leaf name that is unique in the schema:
+learning_rate is optimizer.learning_rate) with the values parsed as its type, or `stem_depth`,
+the number of conv layers kept of the preset's stem (its first ones, in their stages; 0 = no stem,
+the plain ViT, as the token grid stays fixed). Then the report (python -m hybridvit_jax.report)
+of all the runs goes to WORKDIR/report; a sweep adds <name>.md and <name>.png there: accuracy
+and training images/s against the value (stem_depth, or sweep_<leaf>).
 
 --config.KEY=VALUE overrides apply to every run; an unknown key or a bad value stops the command
 before anything is trained, with one line and exit code 2. Running the same command again
@@ -32,12 +33,14 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from hybridvit_jax import cli, configuration, data, report
+from hybridvit_jax import cli, configuration, data, models, report
 from hybridvit_jax.training import loop
 
-MODEL_CONFIG_MODULES = {'vit': 'configs.vit', 'resnet50': 'configs.resnet50', 'hybrid': 'configs.hybrid'}
+# The networks a study compares: every registered model, each with its config file configs/<name>.py.
+STUDY_MODELS = tuple(models.MODELS)
 SWEEP_MODEL = 'hybrid'
-SWEEP_REPORT_NAMES = {'model.stem_layers': 'stem_depth'}
+# The sweep that is not one config key: how many of the preset's stem convs to keep.
+STEM_DEPTH = 'stem_depth'
 REPORT_DIR = 'report'
 SWEEPABLE_TYPES = (bool, int, float, str)
 
@@ -65,7 +68,11 @@ class Sweep:
 
   @property
   def report_name(self) -> str:
-    return SWEEP_REPORT_NAMES.get(self.key, f'sweep_{self.leaf}')
+    return STEM_DEPTH if self.key == STEM_DEPTH else f'sweep_{self.leaf}'
+
+  def overrides(self, config: ml_collections.ConfigDict, value: Any) -> dict[str, Any]:
+    """The flat overrides that make `config` this sweep's run for `value`."""
+    return stem_of_depth(config.model.stem, value) if self.key == STEM_DEPTH else {self.key: value}
 
 
 # ---------------------------------------------------------------------------- configs
@@ -77,7 +84,7 @@ def schema_defaults() -> dict[str, Any]:
 def model_config(model: str, preset: str) -> ml_collections.ConfigDict:
   """configs/<model>.py's get_config(preset); an unknown preset is the config file's ConfigError."""
   try:
-    module = importlib.import_module(MODEL_CONFIG_MODULES[model])
+    module = importlib.import_module(f'configs.{model}')
   except ModuleNotFoundError as error:
     if error.name != 'configs':
       raise
@@ -88,12 +95,12 @@ def model_config(model: str, preset: str) -> ml_collections.ConfigDict:
 
 def parse_models(text: str) -> list[str]:
   """'vit,hybrid' -> ['vit', 'hybrid']; an unknown or repeated name is a ConfigError."""
-  models = [name.strip() for name in text.split(',') if name.strip()]
-  unknown = [name for name in models if name not in MODEL_CONFIG_MODULES]
-  if unknown or not models or len(set(models)) < len(models):
+  names = [name.strip() for name in text.split(',') if name.strip()]
+  unknown = [name for name in names if name not in STUDY_MODELS]
+  if unknown or not names or len(set(names)) < len(names):
     raise configuration.ConfigError(
-        f'--models={text!r} is invalid: expected distinct names among {", ".join(MODEL_CONFIG_MODULES)}')
-  return models
+        f'--models={text!r} is invalid: expected distinct names among {", ".join(STUDY_MODELS)}')
+  return names
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -112,22 +119,37 @@ def unknown_override_keys(argv: Sequence[str]) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------ sweeps
+def stem_of_depth(stem: ml_collections.ConfigDict, depth: int) -> dict[str, Any]:
+  """The overrides that keep the first `depth` conv layers of `stem` (model.stem), in their
+  stages; depth 0 drops the stem and its whitening: the plain ViT."""
+  stages, left = [], depth
+  for stage in stem.stages:
+    if left > 0:
+      stages.append(tuple(stage[:left]))
+      left -= len(stages[-1])
+  if left > 0:
+    total = sum(map(len, stem.stages))
+    raise configuration.ConfigError(f'--values: stem depth {depth} is deeper than the preset\'s stem of {total} '
+                                    f'conv layers; give depths from 0 to {total}')
+  return {'model.stem.stages': tuple(stages), 'model.stem.whiten_patch_size': stem.whiten_patch_size if depth else 0}
+
+
 def resolve_key(name: str) -> str:
-  """A dotted config key, or the only key whose last part is `name` ('stem_layers' -> 'model.stem_layers')."""
+  """A dotted config key, or the only key whose last part is `name` ('learning_rate' -> 'optimizer.learning_rate')."""
   keys = schema_defaults()
-  if name in keys:
+  if name == STEM_DEPTH or name in keys:
     return name
   matches = [key for key in keys if key.rsplit('.', 1)[-1] == name]
   if len(matches) != 1:
     found = f'it could be {", ".join(matches)}' if matches else 'no config key is called that'
-    raise configuration.ConfigError(f'--sweep={name!r}: {found}; give the dotted key, e.g. --sweep=model.stem_layers')
+    raise configuration.ConfigError(f'--sweep={name!r}: {found}; give the dotted key, e.g. '
+                                    f'--sweep=optimizer.learning_rate, or --sweep={STEM_DEPTH}')
   return matches[0]
 
 
 def parse_value(text: str, key: str) -> Any:
-  """`text` as a value of config key `key`, of the type of its default."""
-  default = schema_defaults()[key]
-  kind = type(default)
+  """`text` as a value of config key `key`, of the type of its default (a stem depth is an int)."""
+  kind = int if key == STEM_DEPTH else type(schema_defaults()[key])
   if kind not in SWEEPABLE_TYPES:
     raise configuration.ConfigError(f'--sweep={key}: a {kind.__name__} key cannot be swept; sweep a number, '
                                     'a string or a boolean')
@@ -148,20 +170,20 @@ def parse_sweep(name: str, values: Sequence[str]) -> Sweep:
 
 
 # ------------------------------------------------------------------------------- plans
-def study_experiments(models: Sequence[str], preset: str, overrides: dict[str, Any],
+def study_experiments(names: Sequence[str], preset: str, overrides: dict[str, Any],
                       workdir: pathlib.Path) -> list[Experiment]:
   """Each network with `preset` and the overrides, in WORKDIR/<model>."""
   return [Experiment(model, with_overrides(model_config(model, preset), overrides), workdir / model)
-          for model in models]
+          for model in names]
 
 
 def sweep_experiments(model: str, preset: str, overrides: dict[str, Any], sweep: Sweep,
                       workdir: pathlib.Path) -> list[Experiment]:
-  """`model` with `preset`, the overrides and each value of the swept key, in WORKDIR/<leaf>_<value>."""
+  """`model` with `preset`, the overrides and each value of the sweep, in WORKDIR/<leaf>_<value>."""
   if sweep.key in overrides:
     raise configuration.ConfigError(f'--config.{sweep.key} and --sweep={sweep.key} both set it: drop one')
-  base = model_config(model, preset)
-  return [Experiment(sweep.run_name(value), with_overrides(base, {**overrides, sweep.key: value}),
+  base = with_overrides(model_config(model, preset), overrides)  # a stem depth counts the overridden stem's convs
+  return [Experiment(sweep.run_name(value), with_overrides(base, sweep.overrides(base, value)),
                      workdir / sweep.run_name(value)) for value in sweep.values]
 
 
@@ -218,13 +240,13 @@ def plan(options: flags.FlagValues, overrides: dict[str, Any]) -> tuple[list[Exp
   """The runs the command line asks for."""
   workdir = pathlib.Path(options.workdir)
   if options.sweep is None:
-    models = parse_models(options.models) if options.models else list(MODEL_CONFIG_MODULES)
-    return study_experiments(models, options.preset, overrides, workdir), None
-  models = parse_models(options.models or SWEEP_MODEL)
-  if len(models) != 1:
+    names = parse_models(options.models) if options.models else list(STUDY_MODELS)
+    return study_experiments(names, options.preset, overrides, workdir), None
+  names = parse_models(options.models or SWEEP_MODEL)
+  if len(names) != 1:
     raise configuration.ConfigError(f'--sweep trains one network: give --models=NAME, not {options.models!r}')
   sweep = parse_sweep(options.sweep, options.values)
-  return sweep_experiments(models[0], options.preset, overrides, sweep, workdir), sweep
+  return sweep_experiments(names[0], options.preset, overrides, sweep, workdir), sweep
 
 
 # -------------------------------------------------------------------------------- main
@@ -241,7 +263,7 @@ def define_flags(argv: Sequence[str]) -> None:
   flags.DEFINE_string('preset', '', "Preset of every config file: '' (default), paper, smoke, ...")
   flags.DEFINE_string('models', None, 'Comma-separated networks among vit,resnet50,hybrid (default: all three; '
                       'with --sweep: hybrid).')
-  flags.DEFINE_string('sweep', None, 'A config key to sweep, e.g. stem_layers or optimizer.learning_rate.')
+  flags.DEFINE_string('sweep', None, 'What to sweep: stem_depth, or a config key, e.g. optimizer.learning_rate.')
   flags.DEFINE_list('values', None, 'The values of the --sweep key, e.g. 0,1,2,3,4.')
   config_flags.DEFINE_config_dict('config', configuration.base_config(),
                                   'Overrides for every run: --config.KEY=VALUE.', sys_argv=list(argv))
@@ -252,7 +274,7 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   options = flags.FLAGS
   if (options.sweep is None) != (options.values is None):
-    cli.fail('--sweep and --values go together: --sweep=stem_layers --values=0,1,2,3,4')
+    cli.fail('--sweep and --values go together: --sweep=stem_depth --values=0,1,2,3')
   cli.quiet_library_logs()
   cli.initialize_distributed(None, None, None)
   overrides = dict(config_flags.get_override_values(options['config']))

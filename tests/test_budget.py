@@ -9,6 +9,7 @@ import pytest
 from configs import vit
 from hybridvit_jax.evaluate import restore_run
 from hybridvit_jax.training import budget, loop
+from hybridvit_jax.training.history import read_history
 
 SPEED = budget.Speed(seconds_per_step=0.5, seconds_per_eval_batch=1.0)
 
@@ -83,7 +84,7 @@ def test_budgeted_run_is_the_run_of_its_planned_steps_and_a_resumed_one_keeps_th
 
 def test_step_timer_leaves_out_the_first_step_after_a_plan_and_the_evaluations():
   now = [100.0]
-  timer = loop.StepTimer(clock=lambda: now[0])
+  timer = budget.StepTimer(clock=lambda: now[0])
   state = types.SimpleNamespace(step=jnp.int32(0))
   timer.after_step(state, 5)  # starts here: the step that brought the run to 5 compiled
   now[0] += 10.0
@@ -103,7 +104,7 @@ def test_plan_at_an_evaluation_moves_the_end_and_a_resumed_run_keeps_it(tmp_path
   workdir = tmp_path / 'replanned'
   record = loop.train_and_evaluate(budget_config(), workdir)
   assert (record['step'], record['planned_steps']) == (35, 35)
-  history = loop.read_history(workdir)
+  history = read_history(workdir)
   assert [(r['step'], r['planned_steps']) for r in history] == [(7, 42), (14, 42), (21, 42), (28, 35), (35, 35)]
   # Steps 0-27 are the warmup, the same for every plan; steps 28-34 decay as a 35-step run's do.
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(reference))
@@ -125,14 +126,14 @@ def test_plan_at_a_periodic_checkpoint_moves_the_end_before_any_evaluation(tmp_p
   record = loop.train_and_evaluate(budget_config(eval_every_epochs=6, checkpoint_every_steps=25), tmp_path)
   assert planned == [budget.PROBE_LAST_STEP, 25]
   assert (record['step'], record['planned_steps']) == (35, 35)
-  assert [(r['step'], r['planned_steps']) for r in loop.read_history(tmp_path)] == [(35, 35)]
+  assert [(r['step'], r['planned_steps']) for r in read_history(tmp_path)] == [(35, 35)]
 
 
 def test_run_ends_with_an_evaluation_at_the_deadline(tmp_path):
   record = loop.train_and_evaluate(budget_config(budget_minutes=1e-4), tmp_path)  # 6 ms: over after a step
   assert (record['step'], record['planned_steps']) == (1, 1)
   assert 0.0 <= record['val_accuracy'] <= 1.0
-  assert [r['step'] for r in loop.read_history(tmp_path)] == [1]
+  assert [r['step'] for r in read_history(tmp_path)] == [1]
 
 
 def test_lookahead_run_cut_by_the_deadline_ends_on_its_slow_weights(tmp_path):
@@ -141,4 +142,4 @@ def test_lookahead_run_cut_by_the_deadline_ends_on_its_slow_weights(tmp_path):
   assert loop.train_and_evaluate(config, tmp_path)['step'] == 1  # cut before its first pull (step 5)
   state = restore_run(tmp_path, 'latest')[3]
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.model_state),
-               (state.ema_params['params'], state.ema_params['model_state']))
+               (state.slow_weights['params'], state.slow_weights['model_state']))

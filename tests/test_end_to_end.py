@@ -12,6 +12,7 @@ from hybridvit_jax import configuration
 from hybridvit_jax import evaluate as evaluate_lib
 from hybridvit_jax.evaluate import evaluate
 from hybridvit_jax.training import loop
+from hybridvit_jax.training.history import read_history
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HISTORY_FIELDS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'test_loss',
@@ -28,7 +29,7 @@ def test_smoke_preset_trains_every_network(experiment, tmp_path):
   config = experiment.get_config('smoke')
   config.num_epochs = 2
   record = loop.train_and_evaluate(config, tmp_path)
-  history = loop.read_history(tmp_path)
+  history = read_history(tmp_path)
   assert [r['epoch'] for r in history] == [1, 2] and history[-1] == record
   assert HISTORY_FIELDS <= set(record)
   assert history[1]['train_loss'] < history[0]['train_loss']
@@ -42,12 +43,12 @@ def test_launch_resume_and_evaluate_from_the_command_line(tmp_path):
   first = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}',
                       '--config.num_epochs=1')
   assert first.returncode == 0, first.stderr[-3000:]
-  assert len(loop.read_history(workdir)) == 1
+  assert len(read_history(workdir)) == 1
   second = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}',
                        '--config.num_epochs=2')
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'resumed from step 7' in second.stderr
-  history = loop.read_history(workdir)
+  history = read_history(workdir)
   assert [(r['epoch'], r['step']) for r in history] == [(1, 7), (2, 14)]
   result = run_command('-m', 'hybridvit_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -62,7 +63,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     c = vit.get_config('smoke')
     c.update({'num_epochs': epochs, 'eval_test_every_epoch': False})
     c.optimizer.schedule = 'constant'
-    c.model.dropout_rate = 0.1
+    c.model.vit.dropout_rate = 0.1
     return c
   loop.train_and_evaluate(config(2), tmp_path / 'straight')
   loop.train_and_evaluate(config(1), tmp_path / 'resumed')
@@ -75,7 +76,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_bad_override_fails_in_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / 'run'
-  for override in ('--config.batch_size=-4', '--config.no_such_key=1', '--config.model.patch_size=5'):
+  for override in ('--config.batch_size=-4', '--config.no_such_key=1', '--config.model.vit.patch_size=5'):
     result = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}', override)
     assert result.returncode == 2, (override, result.stderr[-2000:])
     assert result.stderr.strip().splitlines()[-1].startswith('error: '), result.stderr[-2000:]
@@ -91,23 +92,31 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     loop.train_and_evaluate(other, tmp_path)
 
 
+def test_a_run_of_an_older_config_schema_is_refused_in_one_line(tmp_path):
+  saved = vit.get_config('smoke').to_dict()
+  saved['model']['stem_layers'] = 2  # a flat model key of the schema before the config groups
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(configuration.ConfigError, match=r'older version .*model\.stem_layers is no longer a config key'):
+    configuration.load_run_config(tmp_path)
+
+
 def test_early_stopping_stops_and_a_rerun_trains_nothing(tmp_path):
   config = vit.get_config('smoke')
   config.update({'num_epochs': 8, 'early_stopping_patience': 1, 'eval_test_every_epoch': False})
   config.optimizer.learning_rate = 1e-12  # val_accuracy soon stops improving
   loop.train_and_evaluate(config, tmp_path)
-  accuracies = [r['val_accuracy'] for r in loop.read_history(tmp_path)]
+  accuracies = [r['val_accuracy'] for r in read_history(tmp_path)]
   assert len(accuracies) < 8  # stopped early, at the first epoch that did not improve
   assert accuracies[-1] <= max(accuracies[:-1]) and all(b > a for a, b in zip(accuracies[:-2], accuracies[1:-1]))
   assert loop.train_and_evaluate(config, tmp_path) == {}
-  assert len(loop.read_history(tmp_path)) == len(accuracies)
+  assert len(read_history(tmp_path)) == len(accuracies)
 
 
 def test_eval_every_epochs_records_every_nth_epoch_and_the_last_but_checkpoints_every_epoch(tmp_path):
   config = vit.get_config('smoke')
   config.update({'num_epochs': 3, 'eval_every_epochs': 2, 'eval_test_every_epoch': False, 'keep_checkpoints': 3})
   record = loop.train_and_evaluate(config, tmp_path)
-  history = loop.read_history(tmp_path)
+  history = read_history(tmp_path)
   assert [(r['epoch'], r['step']) for r in history] == [(2, 14), (3, 21)] and history[-1] == record
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints' / 'latest').iterdir() if p.name.isdigit()) == [7, 14, 21]
 

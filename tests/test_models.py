@@ -12,18 +12,17 @@ from flax import nnx
 
 from hybridvit_jax import models
 from hybridvit_jax.models import layers
-from hybridvit_jax.models.vit import POOL_TOKENS, drop_path_rates
+from hybridvit_jax.models import vit as vit_lib
+from hybridvit_jax.models.vit import drop_path_rates
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 TINY_VARIANTS = ('vit_test', 'hybrid_test', 'resnet_test')
 
-# On 32x32x3 images with 10 classes; vit_ti4, resnet50 and resnet50_imagenet equal timm's counts.
+# On 32x32x3 images with 10 classes; vit_ti4 and resnet50 equal timm's counts.
 EXPECTED_PARAMS = {
     'vit_ti4': 5_362_762,
-    'hybrid_ti': 5_453_962,
     'resnet50': 23_520_842,
-    'resnet50_imagenet': 23_528_522,
     'vit_test': 21_162,
     'hybrid_test': 21_554,
     'resnet_test': 130_002,
@@ -31,6 +30,7 @@ EXPECTED_PARAMS = {
 
 
 def make_config(variant, **overrides):
+  """VARIANTS[variant] with overrides by group, e.g. vit=dict(pooling='mean'), stem=dict(stages=())."""
   cfg = models.variant_config(variant)
   cfg.update(overrides)
   return cfg
@@ -78,6 +78,31 @@ def test_param_count(variant):
   assert models.count_params(abstract_variant(variant)) == EXPECTED_PARAMS[variant]
 
 
+def test_param_counts_of_the_imagenet_stem_and_a_ti_hybrid():
+  imagenet_stem = make_config('resnet50', resnet=dict(stem='imagenet'))
+  assert models.count_params(abstract_model(imagenet_stem)) == 23_528_522  # timm's resnet50
+  hybrid_ti = make_config('vit_ti4', name='hybrid', vit=dict(patch_size=1), stem=dict(stages=((64,), (128,))))
+  assert models.count_params(abstract_model(hybrid_ti)) == 5_453_962
+
+
+@pytest.mark.parametrize('variant', sorted(models.VARIANTS))
+def test_every_kernel_declares_its_parameter_group_and_nothing_else_does(variant):
+  """Weight decay and Muon read the groups: every Linear/Conv kernel is in one (the head's apart,
+  the convs BatchNorm follows apart), every bias, norm, token and position embedding in none."""
+  groups = models.param_groups(abstract_variant(variant))
+  by_path = {jax.tree_util.keystr(path): group for path, group in jax.tree_util.tree_leaves_with_path(groups)}
+  for path, group in by_path.items():
+    if path.endswith("['conv']['kernel']"):
+      assert group == layers.NORMALIZED_KERNEL, path
+    elif path.startswith("['head']") and path.endswith("['kernel']"):
+      assert group == layers.HEAD_KERNEL, path
+    elif path.endswith("['kernel']"):
+      assert group == layers.KERNEL, path
+    else:
+      assert group == layers.UNGROUPED, path
+  assert layers.NORMALIZED_KERNEL in by_path.values() or variant.startswith('vit')
+
+
 @pytest.mark.parametrize('variant', sorted(models.VARIANTS))
 def test_logits_shape_and_dtype(variant):
   images = random_images(2)
@@ -98,8 +123,8 @@ def test_non_square_images_make_a_non_square_token_grid():
 
 
 def test_hybrid_without_stem_is_the_plain_vit():
-  hybrid = build(make_config('hybrid_test', stem_layers=0))
-  vit = build(make_config('hybrid_test', stem_layers=0, name='vit'))
+  hybrid = build(make_config('hybrid_test', stem=dict(stages=())))
+  vit = build(make_config('hybrid_test', name='vit', stem=dict(stages=())))
   hybrid_params, vit_params = nnx.state(hybrid, nnx.Param), nnx.state(vit, nnx.Param)
   assert jax.tree.structure(hybrid_params) == jax.tree.structure(vit_params)
   jax.tree.map(np.testing.assert_array_equal, hybrid_params, vit_params)
@@ -108,7 +133,7 @@ def test_hybrid_without_stem_is_the_plain_vit():
 
 def test_sincos_posemb_is_not_a_param():
   hidden, tokens = 32, 64 + 1  # vit_test: 8x8 patches plus the class token
-  model = build(make_config('vit_test', posemb='sincos2d'))
+  model = build(make_config('vit_test', vit=dict(posemb='sincos2d')))
   assert not any('pos_embedding' in path for path in param_paths(model))
   assert models.count_params(model) == EXPECTED_PARAMS['vit_test'] - tokens * hidden
   table = jax.jit(model.position_embedding)()
@@ -119,18 +144,10 @@ def test_sincos_posemb_is_not_a_param():
 
 def test_mean_pooling_has_no_class_token():
   hidden = 32
-  model = build(make_config('vit_test', pooling='mean'))
+  model = build(make_config('vit_test', vit=dict(pooling='mean')))
   assert not any('cls_token' in path for path in param_paths(model))
   assert model.position_embedding().shape == (1, 64, hidden)
   assert models.count_params(model) == EXPECTED_PARAMS['vit_test'] - 2 * hidden  # token and its position
-  assert forward(model, random_images(2), train=False).shape == (2, NUM_CLASSES)
-
-
-def test_max_pooling_classifies_each_features_largest_token():
-  model = build(make_config('vit_test', pooling='max'))
-  assert not any('cls_token' in path for path in param_paths(model))
-  tokens = jnp.asarray([[[1.0, -2.0], [3.0, -5.0], [0.0, 4.0]]])  # [B=1, T=3, D=2]
-  np.testing.assert_array_equal(POOL_TOKENS[model.pooling](tokens), [[3.0, 4.0]])
   assert forward(model, random_images(2), train=False).shape == (2, NUM_CLASSES)
 
 
@@ -180,7 +197,7 @@ def test_batch_norm_statistics_update_in_train_mode_only(variant):
 
 @pytest.mark.parametrize('rate_key', ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth_rate'))
 def test_dropout_is_random_in_train_mode_only(rate_key):
-  model = build(make_config('vit_test', **{rate_key: 0.3}))
+  model = build(make_config('vit_test', vit={rate_key: 0.3}))
   model.head.kernel[...] = standard_normal(model.head.kernel.shape)  # the zero-initialised head outputs only 0
   images = random_images(4)
   train_a, train_a_again, train_b, eval_a, eval_b = (
@@ -200,7 +217,7 @@ def test_attention_with_weight_dropout_matches_the_fused_core_without_dropout():
 
 
 def test_train_with_dropout_needs_rngs():
-  model = build(make_config('vit_test', dropout_rate=0.1))
+  model = build(make_config('vit_test', vit=dict(dropout_rate=0.1)))
   with pytest.raises(ValueError, match='rngs'):
     model(random_images(1), train=True)
 
@@ -208,7 +225,7 @@ def test_train_with_dropout_needs_rngs():
 def test_drop_path_rate_grows_linearly_over_blocks():
   assert drop_path_rates(0.2, 5) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
   assert drop_path_rates(0.2, 1) == [0.0]
-  model = abstract_model(make_config('vit_test', num_layers=3, stochastic_depth_rate=0.1))
+  model = abstract_model(make_config('vit_test', vit=dict(num_layers=3, stochastic_depth_rate=0.1)))
   assert [block.drop_path.rate for block in model.blocks] == pytest.approx([0.0, 0.05, 0.1])
 
 
@@ -225,22 +242,25 @@ def test_unknown_variant_is_rejected():
 @pytest.mark.parametrize('overrides, message', [
     (dict(name='vgg'), "unknown model.name='vgg'"),
     (dict(dtype='float16'), 'model.dtype'),
-    (dict(pooling='median'), 'model.pooling'),
-    (dict(posemb='rope'), 'model.posemb'),
-    (dict(name='resnet50', resnet_stem='big'), 'model.resnet_stem'),
-    (dict(hidden_size=100, num_heads=3), 'model.hidden_size=100 is not divisible by model.num_heads=3'),
-    (dict(hidden_size=34, num_heads=2, posemb='sincos2d'), 'model.hidden_size=34 must be divisible by 4'),
-    (dict(patch_size=5), 'model.patch_size=5 does not divide the 32x32 image; use a divisor such as 1, 2, 4, 8'),
-    (dict(name='hybrid', stem_layers=2, patch_size=3), 'model.patch_size=3 does not divide the 8x8 stem output'),
-    (dict(stem_layers=6), 'model.stem_layers=6'),
-    (dict(stem_layers=1, stem_strides=(0,)), 'model.stem_strides'),
-    (dict(num_layers=0), 'model.num_layers=0 must be positive'),
-    (dict(name='resnet50', resnet_width=0), 'model.resnet_width'),
-    (dict(name='resnet50', resnet_stage_sizes=(3, 0)), 'model.resnet_stage_sizes'),
-    (dict(dropout_rate=1.0), 'model.dropout_rate=1.0 must be in [0, 1)'),
-    (dict(stochastic_depth_rate=-0.1), 'model.stochastic_depth_rate'),
-    (dict(stem_whiten_patch_size=4, stem_whiten_stride=0), 'model.stem_whiten_stride=0 must be >= 1'),
-    (dict(name='hybrid', stem_layers=2, stem_whiten_patch_size=-1), 'model.stem_whiten_patch_size=-1 must be >= 0'),
+    (dict(vit=dict(pooling='max')), 'model.vit.pooling'),
+    (dict(vit=dict(posemb='rope')), 'model.vit.posemb'),
+    (dict(name='resnet50', resnet=dict(stem='big')), 'model.resnet.stem'),
+    (dict(vit=dict(hidden_size=100, num_heads=3)), 'model.vit.hidden_size=100 is not divisible by model.vit.num_heads=3'),
+    (dict(vit=dict(hidden_size=34, num_heads=2, posemb='sincos2d')), 'model.vit.hidden_size=34 must be divisible by 4'),
+    (dict(vit=dict(patch_size=5)), 'model.vit.patch_size=5 does not divide the 32x32 image; use a divisor such as 1, 2, 4, 8'),
+    (dict(name='hybrid', stem=dict(stages=((64,), (128,))), vit=dict(patch_size=3)),
+     'model.vit.patch_size=3 does not divide the 8x8 stem output'),
+    (dict(stem=dict(stages=((8,),) * 6)), 'shrinks the 32x32 image to nothing'),
+    (dict(stem=dict(stages=((8, 0),))), 'model.stem.stages'),
+    (dict(stem=dict(stages=((8,), ()))), 'model.stem.stages'),
+    (dict(stem=dict(stages=((8,),), pool_position='middle')), 'model.stem.pool_position'),
+    (dict(vit=dict(num_layers=0)), 'model.vit.num_layers=0 must be positive'),
+    (dict(name='resnet50', resnet=dict(width=0)), 'model.resnet.width'),
+    (dict(name='resnet50', resnet=dict(stage_sizes=(3, 0))), 'model.resnet.stage_sizes'),
+    (dict(vit=dict(dropout_rate=1.0)), 'model.vit.dropout_rate=1.0 must be in [0, 1)'),
+    (dict(vit=dict(stochastic_depth_rate=-0.1)), 'model.vit.stochastic_depth_rate'),
+    (dict(stem=dict(stages=((8,),), whiten_patch_size=-1)), 'model.stem.whiten_patch_size=-1 must be >= 0'),
+    (dict(stem=dict(whiten_patch_size=4)), 'model.stem.whiten_patch_size=4 needs a conv stem after it'),
 ])
 def test_invalid_config_is_rejected_naming_the_key(overrides, message):
   with pytest.raises(ValueError) as error:
@@ -283,21 +303,21 @@ def test_bfloat16_training_forward_is_finite():
 
 
 def test_token_grid_keeps_the_token_count_whatever_the_stem_depth():
-  """With model.token_grid the patch size follows the stem, so stem_layers=0 is the plain ViT-Ti/4."""
-  cfg = models.variant_config('vit_ti4')
-  cfg.update({'name': 'hybrid', 'token_grid': 8, 'stem_pools': (False, True, True, False)})
-  expected_patch = {0: 4, 1: 4, 2: 2, 3: 1, 4: 1}
-  for stem_layers, patch in expected_patch.items():
-    cfg.stem_layers = stem_layers
-    assert models.effective_patch_size(cfg, (32, 32, 3)) == patch
-  cfg.stem_layers = 0
+  """With model.vit.token_grid the patch size follows the stem, so no stem is the plain ViT-Ti/4."""
+  cfg = make_config('vit_ti4', name='hybrid', vit=dict(token_grid=8), stem=dict(pool_position='last'))
+  stages_of_depth = {0: (), 1: ((64,),), 2: ((64, 128),), 3: ((64, 128), (256,)), 4: ((64, 128), (256, 256))}
+  expected_patch = {0: 4, 1: 2, 2: 2, 3: 1, 4: 1}  # each stage's pool after its last conv: 32 -> 16 -> 8
+  for depth, patch in expected_patch.items():
+    cfg.stem.stages = stages_of_depth[depth]
+    assert vit_lib.effective_patch_size(cfg, (32, 32, 3)) == patch
+  cfg.stem.stages = ()
   plain = nnx.eval_shape(lambda: models.create_model(models.variant_config('vit_ti4'), num_classes=10,
                                                      image_shape=(32, 32, 3), rngs=nnx.Rngs(0)))
   gridded = nnx.eval_shape(lambda: models.create_model(cfg, num_classes=10, image_shape=(32, 32, 3),
                                                        rngs=nnx.Rngs(0)))
   assert models.count_params(gridded) == models.count_params(plain) == 5_362_762
-  cfg.token_grid = 5
-  with pytest.raises(ValueError, match='model.token_grid=5'):
+  cfg.vit.token_grid = 5
+  with pytest.raises(ValueError, match='model.vit.token_grid=5'):
     models.validate_model_config(cfg, (32, 32, 3))
 
 
@@ -363,36 +383,50 @@ def lax_conv(images, kernel, padding, strides=(1, 1)):
                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
 
 
+def test_stem_stages_pool_after_their_first_or_last_conv():
+  assert layers.stem_layer_pools(((64, 64), (256,)), 'first') == ((64, True), (64, False), (256, True))
+  assert layers.stem_layer_pools(((64, 128), (192,)), 'last') == ((64, False), (128, True), (192, True))
+  model = abstract_model(make_config('hybrid_test', stem=dict(stages=((8, 8), (16, 16)), pool_position='first')))
+  assert model.stem.pools == (True, False, True, False) and model.grid_shape == (4, 4)  # 32 -> 8, patches of 2
+  assert [layer.conv.kernel.shape for layer in model.stem.layers] == [(3, 3, 3, 8), (3, 3, 8, 8), (3, 3, 8, 16),
+                                                                     (3, 3, 16, 16)]
+
+
+def whitened_config(**stem):
+  """hybrid_test behind a 2x2 whitening: 32 -> 31 -> 15 -> 7, one token per position."""
+  return make_config('hybrid_test', vit=dict(patch_size=1), stem=dict(whiten_patch_size=2, **stem))
+
+
 def test_whitened_stem_kernel_is_model_state_set_by_fit_to_images():
-  cfg = make_config('hybrid_test', stem_whiten_patch_size=2)
-  model = build(cfg)
-  plain = build(make_config('hybrid_test'))
-  # the kernel is not a parameter (the optimizer never sees it); its bias and the wider first conv are
+  model = build(whitened_config())
+  plain = build(make_config('hybrid_test', vit=dict(patch_size=1)))
+  # the kernel is not a parameter (the optimizer never sees it) and there is no bias; the first conv is wider
   params, state = nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param))
-  assert 'kernel' in state['stem']['whitening'] and 'kernel' not in params['stem']['whitening']
-  assert models.count_params(model) == models.count_params(plain) + 24 + (24 - 3) * 9 * 8
-  assert models.fits_to_data(cfg) and not models.fits_to_data(make_config('hybrid_test'))
+  assert 'kernel' in state['stem']['whitening'] and 'whitening' not in params['stem']
+  # the first conv takes 24 channels, not 3; 7x7 tokens, not 8x8, have fewer position embeddings (width 32)
+  assert models.count_params(model) == models.count_params(plain) + (24 - 3) * 9 * 8 - (64 - 49) * 32
+  assert models.fits_to_data(model) and not models.fits_to_data(plain)
   images = correlated_images(size=32)
   model.fit_to_images(jnp.asarray(images))
   np.testing.assert_allclose(model.stem.whitening.kernel[...],
                              layers.patch_whitening_kernel(jnp.asarray(images), 2), rtol=1e-5)
+  # only the patches inside the image (airbench's): 32x32 -> 31x31, then the pools 15, 7
   whitened = np.asarray(model.stem.whitening(jnp.asarray(images)))
-  assert whitened.shape == (64, 32, 32, 24)
-  np.testing.assert_allclose(whitened[:, :-1, :-1], lax_conv(images, model.stem.whitening.kernel[...], 'VALID'),
+  assert whitened.shape == (64, 31, 31, 24)
+  np.testing.assert_allclose(whitened, lax_conv(images, model.stem.whitening.kernel[...], 'VALID'),
                              rtol=1e-4, atol=1e-4)
+  assert model.stem(jnp.asarray(images[:2]), train=False).shape == (2, 7, 7, 16) and model.grid_shape == (7, 7)
   assert model(jnp.asarray(images[:2]), train=False).shape == (2, NUM_CLASSES)
+  # a token grid that divides an unwhitened stem's 8x8 output does not divide the whitened one's 7x7
+  with pytest.raises(ValueError, match='model.vit.token_grid=4 does not divide the 7x7 stem output'):
+    models.validate_model_config(make_config('hybrid_test', stem=dict(whiten_patch_size=2), vit=dict(token_grid=4)),
+                                 IMAGE_SHAPE)
 
 
-def test_whitening_without_bias_is_the_pure_whitening_and_backprop_stops_at_the_first_conv():
+def test_backprop_stops_at_the_first_conv_behind_the_whitening():
   images = jnp.asarray(correlated_images(size=32)[:4])
-  with_bias, without = (build(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_bias=bias))
-                        for bias in (True, False))
-  for model in (with_bias, without):
-    model.fit_to_images(images)
-  assert models.count_params(without) == models.count_params(with_bias) - 24
-  assert 'whitening' not in nnx.state(without, nnx.Param)['stem']
-  np.testing.assert_allclose(without.stem.whitening(images),
-                             lax_conv(images, without.stem.whitening.kernel[...], 'SAME'), rtol=1e-4, atol=1e-4)
+  whitened, plain = build(whitened_config()), build(make_config('hybrid_test', vit=dict(patch_size=1)))
+  whitened.fit_to_images(images)
 
   def parameter_gradient_products(model):
     """Matrix products and convolutions in the jaxpr of the loss's gradient with respect to the parameters."""
@@ -401,113 +435,20 @@ def test_whitening_without_bias_is_the_pure_whitening_and_backprop_stops_at_the_
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
     return jaxpr.count('dot_general') + jaxpr.count('conv_general_dilated')
 
-  # the first conv's input gradient is computed only to train the whitening bias
-  assert parameter_gradient_products(with_bias) - parameter_gradient_products(without) == 1
-
-
-def test_whitened_patch_embedding_of_a_vit_stays_one_linear_map_of_each_patch():
-  # no conv stem: whitening of each 4x4 patch (stride 4), then the 1x1 patch embedding of the 8x8 grid
-  cfg = make_config('vit_test', stem_whiten_patch_size=4, stem_whiten_stride=4, stem_whiten_bias=False, patch_size=1)
-  model = build(cfg)
-  assert models.fits_to_data(cfg) and model.grid_shape == (8, 8)
-  images = jnp.asarray(correlated_images(size=32))
-  model.fit_to_images(images)
-  whitened = np.asarray(model.stem(images, train=False))
-  assert whitened.shape == (64, 8, 8, 96)
-  # no activation after the whitening alone: the second half of the features is the first's negative
-  np.testing.assert_allclose(whitened[..., 48:], -whitened[..., :48], atol=1e-6)
-  # whitening then embedding equals one 4x4, stride-4 convolution of the raw image: a linear patch embedding
-  kernel = np.einsum('hwcj,jd->hwcd', np.asarray(model.stem.whitening.kernel[...]),
-                     np.asarray(model.patch_embedding.kernel[...])[0, 0])
-  with jax.default_matmul_precision('float32'):  # full float32 products also where GPUs default to TF32
-    direct = lax_conv(images, jnp.asarray(kernel), 'VALID', strides=(4, 4))
-    embedded = model.patch_embedding(jnp.asarray(whitened))
-  np.testing.assert_allclose(embedded, direct + model.patch_embedding.bias[...], rtol=1e-3, atol=1e-3)
-  assert model(images[:2], train=False).shape == (2, NUM_CLASSES)
-
-
-def fitted_with_dense_whitening(cfg, images):
-  """A model of `cfg` with its whitening fitted to `images`, and a stride-1, 'SAME' PatchWhitening
-  with the same kernel (every patch, zero-padded), to compare the model's whitening with."""
-  model = build(cfg)
-  model.fit_to_images(images)
-  dense = layers.PatchWhitening(images.shape[-1], cfg.stem_whiten_patch_size, dtype=jnp.float32, rngs=nnx.Rngs(0))
-  dense.kernel[...] = model.stem.whitening.kernel[...]
-  return model, dense
-
-
-def test_strided_whitening_whitens_every_other_patch_and_shrinks_the_stem_output():
-  images = jnp.asarray(correlated_images(size=32)[:4])
-  cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=2, stem_pools=(False, True))
-  model, dense = fitted_with_dense_whitening(cfg, images)
-  strided = model.stem.whitening(images)
-  assert strided.shape == (4, 16, 16, 24)
-  np.testing.assert_allclose(strided, dense(images)[:, ::2, ::2], rtol=1e-5, atol=1e-5)
-  # 32 -> 16 (whitening) -> 16 -> 8 (the second layer's pool): 4x4 tokens of patch 2
-  assert model.grid_shape == (4, 4) and model(images, train=False).shape == (4, NUM_CLASSES)
-  with pytest.raises(ValueError, match='model.stem_whiten_stride=0 must be >= 1'):
-    models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_stride=0),
-                                 IMAGE_SHAPE)
-
-
-def test_unpadded_whitening_drops_the_zero_padded_border_and_shrinks_every_stage():
-  images = jnp.asarray(correlated_images(size=32)[:4])
-  # airbench's pools: 32 -> 31 (unpadded 2x2 whitening) -> 15 -> 7, one token per position
-  cfg = make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='VALID', stem_pools=(True,),
-                    patch_size=1)
-  model, padded = fitted_with_dense_whitening(cfg, images)
-  unpadded = model.stem.whitening(images)
-  assert unpadded.shape == (4, 31, 31, 24)
-  # 'SAME' pads a 2x2 window below and right only: the unpadded output is the padded one without that border
-  np.testing.assert_allclose(unpadded, padded(images)[:, :31, :31], rtol=1e-5, atol=1e-5)
-  assert model.stem(images, train=False).shape == (4, 7, 7, 16)
-  assert model.grid_shape == (7, 7) and model(images, train=False).shape == (4, NUM_CLASSES)
-  # a token grid that divides the padded stem's 8x8 output does not divide the unpadded one's 7x7
-  with pytest.raises(ValueError, match='model.token_grid=4 does not divide the 7x7 stem output'):
-    models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='VALID',
-                                             token_grid=4), IMAGE_SHAPE)
-  with pytest.raises(ValueError, match="unknown model.stem_whiten_padding='valid'"):
-    models.validate_model_config(make_config('hybrid_test', stem_whiten_patch_size=2, stem_whiten_padding='valid'),
-                                 IMAGE_SHAPE)
-
-
-def test_dirac_init_starts_the_first_filters_as_the_identity_and_keeps_the_rest():
-  init = layers.dirac_kernel_init(layers.CONV_INIT)
-  key = jax.random.key(0)
-  kernel = init(key, (3, 3, 4, 6), jnp.float32)
-  images = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
-  out = lax_conv(images, kernel, 'SAME')
-  # filters 0..3 pass input channels 0..3 through; 4 and 5 are the base initialiser's draw
-  np.testing.assert_allclose(out[..., :4], images, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(kernel[..., 4:], layers.CONV_INIT(key, (3, 3, 4, 6), jnp.float32)[..., 4:])
-  model = build(make_config('hybrid_test', stem_dirac_init=True))
-  first = model.stem.layers[1].conv.kernel[...]  # [3, 3, 8, 16]
-  assert first[1, 1, 7, 7] == 1.0 and first[0, 0, 7, 7] == 0.0 and float(jnp.abs(first[..., 8:]).sum()) > 0
-
-
-def test_stem_batch_norm_without_scale_trains_only_a_bias_and_normalises():
-  with_scale, without = (build(make_config('hybrid_test', stem_batch_norm_scale=scale)) for scale in (True, False))
-  assert models.count_params(with_scale) - models.count_params(without) == 8 + 16  # one scale per stem channel
-  assert 'scale' not in nnx.state(without, nnx.Param)['stem']['layers'][0]['norm']
-  layer = without.stem.layers[0]
-  layer.norm.bias[...] = jnp.full((8,), 0.5)
-  images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3)) * 3.0 + 1.0
-  out = np.asarray(layer(images, train=True))
-  np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0.5, atol=1e-4)
-  np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1.0, atol=1e-2)
+  # the whitening's forward product only: no gradient is computed through it or into the first conv's input
+  assert parameter_gradient_products(whitened) - parameter_gradient_products(plain) == 1
 
 
 def test_stem_activation_gelu_replaces_every_relu_of_the_stem_and_is_validated():
   images = jnp.asarray(correlated_images(size=32)[:2])
-  relu, gelu = (build(make_config('hybrid_test', stem_whiten_patch_size=2, stem_activation=name))
-                for name in ('relu', 'gelu'))
+  relu, gelu = (build(whitened_config(activation=name)) for name in ('relu', 'gelu'))
   nnx.update(gelu, nnx.state(relu))  # same parameters and state: only the activation differs
   assert not np.allclose(relu.stem(images, train=False), gelu.stem(images, train=False))
   x = gelu.stem.whitening(images)
   x = jax.nn.gelu(x, approximate=True)
-  for layer, spec in zip(gelu.stem.layers, gelu.stem.specs):
+  for layer, pool in zip(gelu.stem.layers, gelu.stem.pools):
     x = jax.nn.gelu(layer(x, train=False), approximate=True)
-    x = layers.max_pool_2x2(x) if spec.pool else x
+    x = layers.max_pool_2x2(x) if pool else x
   np.testing.assert_allclose(gelu.stem(images, train=False), x, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="model.stem_activation='swish'"):
-    models.validate_model_config(make_config('hybrid_test', stem_activation='swish'), IMAGE_SHAPE)
+  with pytest.raises(ValueError, match="model.stem.activation='swish'"):
+    models.validate_model_config(make_config('hybrid_test', stem=dict(activation='swish')), IMAGE_SHAPE)

@@ -1,6 +1,5 @@
 """Nothing lost under SIGTERM, SIGKILL, corrupt checkpoints, non-finite losses or bad input;
 multi-process runs on JAX's own runtime. Each test does what a user (or a cluster) would do."""
-import json
 import os
 import pathlib
 import signal
@@ -15,13 +14,14 @@ import pytest
 
 from configs import vit
 from hybridvit_jax.evaluate import evaluate, restore_run
-from hybridvit_jax.training import loop
+from hybridvit_jax.training import loop, pacing
+from hybridvit_jax.training.history import read_history
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Long enough to be interrupted mid-way, short enough for CI: 6 epochs of 7 steps.
 RUN_FLAGS = ('--config=configs/vit.py:smoke', '--config.num_epochs=6', '--config.checkpoint_every_steps=2',
-             '--config.model.dropout_rate=0.1', '--config.eval_test_every_epoch=False')
+             '--config.model.vit.dropout_rate=0.1', '--config.eval_test_every_epoch=False')
 
 
 def start(*args: str, devices: int = 2, **popen_kwargs) -> subprocess.Popen:
@@ -82,13 +82,13 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, uninterrupted):
   resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resumed from step {stopped_at}' in resumed.stderr
-  assert [r['epoch'] for r in loop.read_history(workdir)] == [1, 2, 3, 4, 5, 6]
+  assert [r['epoch'] for r in read_history(workdir)] == [1, 2, 3, 4, 5, 6]
   assert_same_run(workdir, uninterrupted)
 
 
 def test_the_host_waits_for_the_device_once_it_is_two_seconds_of_steps_ahead():
   clock, waited_for = [0.0], []
-  pacer = loop.DispatchPacer(0, max_seconds_ahead=2.0, clock=lambda: clock[0], wait=waited_for.append)
+  pacer = pacing.DispatchPacer(0, max_seconds_ahead=2.0, clock=lambda: clock[0], wait=waited_for.append)
   state = type('State', (), {'step': 'step buffer'})()  # the pacer waits for its .step only
 
   def run_steps(first, last, seconds_per_step):
@@ -118,7 +118,7 @@ def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(tmp_pat
   resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from step' in resumed.stderr
-  history = loop.read_history(workdir)
+  history = read_history(workdir)
   assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]
   assert_same_run(workdir, uninterrupted)
 
@@ -145,7 +145,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   assert int(state.step) == 7
   assert any('latest/14 cannot be restored' in r.getMessage() for r in caplog.records)
   record = loop.train_and_evaluate(config, tmp_path)  # resumes from 7 and redoes the second epoch
-  assert record['step'] == 14 and [r['step'] for r in loop.read_history(tmp_path)] == [7, 14]
+  assert record['step'] == 14 and [r['step'] for r in read_history(tmp_path)] == [7, 14]
   assert saved_steps(tmp_path) == [7, 14]
 
 
@@ -161,7 +161,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatc
   config.optimizer.learning_rate = 1e12
   with pytest.raises(loop.NonFiniteLossError, match=r'non-finite loss at step \d+; no checkpoint yet'):
     loop.train_and_evaluate(config, tmp_path / 'stop')
-  assert saved_steps(tmp_path / 'stop') == [] and loop.read_history(tmp_path / 'stop') == []
+  assert saved_steps(tmp_path / 'stop') == [] and read_history(tmp_path / 'stop') == []
   config.nan_policy = 'skip'
   record = loop.train_and_evaluate(config, tmp_path / 'skip')
   assert record['step'] == 7 and 0 < record['skipped_steps'] <= 7
@@ -175,7 +175,7 @@ def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monk
                      match=r"training diverged: train loss \S+ at step 10, over 0.001 times chance's 2.30; "
                            r'the last good checkpoint is step 7'):
     loop.train_and_evaluate(config, tmp_path)
-  assert saved_steps(tmp_path) == [7] and [r['step'] for r in loop.read_history(tmp_path)] == [7]
+  assert saved_steps(tmp_path) == [7] and [r['step'] for r in read_history(tmp_path)] == [7]
   config.nan_policy = 'skip'  # goes on, as with non-finite losses
   assert loop.train_and_evaluate(config, tmp_path)['step'] == 14
 
@@ -183,7 +183,7 @@ def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monk
 BAD_OVERRIDES = {
     '--config.batch_size=0': 'batch_size',
     '--config.batch_size=63': 'batch_size',  # not divisible by the 2 devices
-    '--config.model.patch_size=5': 'model.patch_size',
+    '--config.model.vit.patch_size=5': 'model.vit.patch_size',
     '--config.model.name=vgg': 'model.name',
     '--config.data.name=no_such_dataset': 'data.name',
     '--config.optimizer.learning_rate=-0.1': 'optimizer.learning_rate',
@@ -235,7 +235,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path, uninterrupte
       process.kill()
   for process_id, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
     assert process.returncode == 0, f'process {process_id}:\n{stderr[-3000:]}'
-  history = loop.read_history(workdir)
+  history = read_history(workdir)
   assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]  # written once, by process 0
   assert {r['planned_steps'] for r in history} == {42}
   reference = evaluate(str(uninterrupted), 'latest', 'val')

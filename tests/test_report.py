@@ -138,8 +138,9 @@ def test_parameters_are_counted_without_allocation(table):
 def test_flops_are_one_forward_pass_on_one_image():
   """ViT-Ti/4: 2 FLOPs per encoder weight per token, plus attention's two token-by-token products
   and the patch embedding; layer norms, softmax and GELU add a few percent."""
-  m = models.variant_config('vit_ti4')
-  parameters, gflops = report.model_cost(m, num_classes=10, image_shape=(32, 32, 3))
+  config = models.variant_config('vit_ti4')
+  m = config.vit
+  parameters, gflops = report.model_cost(config, num_classes=10, image_shape=(32, 32, 3))
   assert parameters == 5_362_762
   tokens = (32 // m.patch_size) ** 2 + 1
   encoder_weights = m.num_layers * (4 * m.hidden_size ** 2 + 2 * m.hidden_size * m.mlp_dim)

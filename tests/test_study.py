@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from configs import hybrid
 from hybridvit_jax import configuration, study
-from hybridvit_jax.training import loop
+from hybridvit_jax.training.history import read_history
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_study_trains_with_the_overrides_then_reports_and_a_rerun_trains_nothing
   assert first.returncode == 0, first.stderr[-3000:]
   assert f'[1/1] vit (preset smoke) -> {tmp_path / "vit"}' in first.stdout
   assert json.loads((tmp_path / 'vit' / 'config.json').read_text())['num_epochs'] == 1
-  assert [r['epoch'] for r in loop.read_history(tmp_path / 'vit')] == [1]
+  assert [r['epoch'] for r in read_history(tmp_path / 'vit')] == [1]
   table = (tmp_path / 'report' / 'table.md').read_text()
   assert '| vit | vit |' in table and '| CNN+ViT | 70.28% | 10 | 4 h 17 min |' in table
   assert table in first.stdout
@@ -53,8 +54,8 @@ def test_study_trains_with_the_overrides_then_reports_and_a_rerun_trains_nothing
 
 @pytest.mark.parametrize('override, message', [
     ('--config.num_epoch=1', 'error: --config.num_epoch: no such config key; did you mean num_epochs?'),
-    ('--config.model.stem_layers=two', "error: flag --config.model.stem_layers=two: invalid literal for int() "
-                                       "with base 10: 'two'"),
+    ('--config.model.vit.num_layers=two', "error: flag --config.model.vit.num_layers=two: invalid literal for "
+                                          "int() with base 10: 'two'"),
 ])
 def test_a_bad_override_is_one_line_and_exit_code_2_before_anything_is_written(override, message, tmp_path):
   result = run_study_command('--preset=smoke', f'--workdir={tmp_path / "study"}', override)
@@ -69,28 +70,31 @@ def record_accuracy_by_stem_depth(config, workdir):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   configuration.save_run_config(config, workdir)
-  accuracy = 0.1 * config.model.stem_layers
+  depth = sum(map(len, config.model.stem.stages))
+  accuracy = 0.1 * depth
   record = {'epoch': 1, 'step': 7, 'train_loss': 2.0, 'train_accuracy': accuracy, 'val_loss': 2.0,
             'val_accuracy': accuracy, 'test_loss': 2.0, 'test_accuracy': accuracy + 0.05, 'elapsed_s': 10.0,
-            'images_per_s': 1000.0 / (1 + config.model.stem_layers)}
+            'images_per_s': 1000.0 / (1 + depth)}
   (workdir / 'history.jsonl').write_text(json.dumps(record) + '\n')
 
 
 def test_stem_depth_sweep_trains_one_run_per_depth_and_reports_against_depth(tmp_path, monkeypatch):
   monkeypatch.setattr(study.loop, 'train_and_evaluate', record_accuracy_by_stem_depth)
-  sweep = study.parse_sweep('stem_layers', ['1', '3'])
-  experiments = study.sweep_experiments('hybrid', 'smoke', {'num_epochs': 1}, sweep, tmp_path)
+  sweep = study.parse_sweep('stem_depth', ['1', '3'])
+  stages = {1: ((8,),), 3: ((8, 8), (16,))}
+  overrides = {'num_epochs': 1, 'model.stem.stages': ((8, 8), (16, 16))}  # the stem whose first convs are kept
+  experiments = study.sweep_experiments('hybrid', 'smoke', overrides, sweep, tmp_path)
   result = study.run_study(experiments, tmp_path, preset='smoke', sweep=sweep)
   for depth in (1, 3):
-    saved = configuration.load_run_config(tmp_path / f'stem_layers_{depth}')
-    assert (saved.model.name, saved.model.stem_layers, saved.num_epochs) == ('hybrid', depth, 1)
+    saved = configuration.load_run_config(tmp_path / f'stem_depth_{depth}')
+    assert (saved.model.name, saved.model.stem.stages, saved.num_epochs) == ('hybrid', stages[depth], 1)
   report_dir = tmp_path / 'report'
   assert {report_dir / 'stem_depth.md', report_dir / 'stem_depth.png', report_dir / 'curves.png'} <= set(result['files'])
   assert (report_dir / 'stem_depth.png').stat().st_size > 10_000
   rows = [line.strip('| ').split(' | ') for line in (report_dir / 'stem_depth.md').read_text().splitlines()
           if line.startswith('| ')]
   header = rows[0]
-  assert header[:2] == ['model.stem_layers', 'Run']
+  assert header[:2] == ['stem_depth', 'Run']
   by_depth = {row[0]: dict(zip(header, row)) for row in rows[1:]}
   assert list(by_depth) == ['1', '3']
   assert by_depth['1']['Best val accuracy'] == '10.00% (epoch 1)' and by_depth['3']['Max test accuracy'] == '35.00% (epoch 1)'
@@ -99,22 +103,33 @@ def test_stem_depth_sweep_trains_one_run_per_depth_and_reports_against_depth(tmp
   assert gflops[0] != gflops[1]  # each depth's own network
 
 
+def test_stem_depth_keeps_the_first_convs_in_their_stages_and_depth_0_is_the_plain_vit():
+  stem = hybrid.get_config('cpu').model.stem  # ((64, 64), (256, 256), (256, 256)) behind a 2x2 whitening
+  assert study.stem_of_depth(stem, 6) == {'model.stem.stages': ((64, 64), (256, 256), (256, 256)),
+                                          'model.stem.whiten_patch_size': 2}
+  assert study.stem_of_depth(stem, 3) == {'model.stem.stages': ((64, 64), (256,)), 'model.stem.whiten_patch_size': 2}
+  assert study.stem_of_depth(stem, 0) == {'model.stem.stages': (), 'model.stem.whiten_patch_size': 0}
+  with pytest.raises(configuration.ConfigError, match='stem depth 7 is deeper than the preset\'s stem of 6'):
+    study.stem_of_depth(stem, 7)
+
+
 def test_sweep_keys_resolve_from_their_last_part_and_values_take_the_keys_type():
-  assert study.resolve_key('stem_layers') == 'model.stem_layers'
+  assert study.resolve_key('learning_rate') == 'optimizer.learning_rate'
+  assert study.resolve_key('stem_depth') == 'stem_depth'
   assert study.resolve_key('optimizer.name') == 'optimizer.name'
   with pytest.raises(configuration.ConfigError, match='optimizer.name'):
     study.resolve_key('name')  # data.name, model.name, optimizer.name
   assert study.parse_sweep('learning_rate', ['1e-3', '3e-4']).values == (1e-3, 3e-4)
   assert study.parse_sweep('flip', ['true', '0']).values == (True, False)
-  assert study.parse_sweep('stem_layers', ['0', '4']).report_name == 'stem_depth'
+  assert study.parse_sweep('stem_depth', ['0', '4']).report_name == 'stem_depth'
   assert study.parse_sweep('seed', ['0', '1']).report_name == 'sweep_seed'
-  for key, values in [('stem_layers', ['1.5']), ('stem_layers', ['1', '1']), ('stem_channels', ['8'])]:
+  for key, values in [('stem_depth', ['1.5']), ('stem_depth', ['1', '1']), ('stages', ['8'])]:
     with pytest.raises(configuration.ConfigError):
       study.parse_sweep(key, values)
 
 
 def test_the_study_is_the_three_networks_with_the_overrides_in_their_own_directories(tmp_path):
-  experiments = study.study_experiments(list(study.MODEL_CONFIG_MODULES), 'paper', {'batch_size': 64}, tmp_path)
+  experiments = study.study_experiments(list(study.STUDY_MODELS), 'paper', {'batch_size': 64}, tmp_path)
   assert [(e.name, e.config.model.name, e.workdir) for e in experiments] == [
       ('vit', 'vit', tmp_path / 'vit'), ('resnet50', 'resnet50', tmp_path / 'resnet50'),
       ('hybrid', 'hybrid', tmp_path / 'hybrid')]
@@ -122,6 +137,6 @@ def test_the_study_is_the_three_networks_with_the_overrides_in_their_own_directo
   with pytest.raises(configuration.ConfigError, match='--models'):
     study.parse_models('vit,convnext')
   with pytest.raises(configuration.ConfigError, match='both set it'):
-    study.sweep_experiments('hybrid', 'smoke', {'model.stem_layers': 1}, study.parse_sweep('stem_layers', ['2']),
-                            tmp_path)
+    study.sweep_experiments('hybrid', 'smoke', {'optimizer.learning_rate': 0.1},
+                            study.parse_sweep('learning_rate', ['0.2']), tmp_path)
 

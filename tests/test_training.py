@@ -19,12 +19,14 @@ from hybridvit_jax.training.metrics import ClassificationMetrics
 from hybridvit_jax.training.state import TrainState
 
 
-def test_weight_decay_mask_spares_norms_biases_and_embeddings():
-  params = {'block': {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
-                      'norm': {'scale': jnp.ones(2), 'bias': jnp.ones(2)}},
-            'cls_token': jnp.ones((1, 1, 2)), 'head': {'kernel': jnp.ones((2, 3))}}
-  mask = optimizer_lib.weight_decay_mask(params)
-  assert mask == {'block': {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False, 'bias': False}},
+def test_weight_decay_mask_takes_every_kernel_group_and_spares_norms_biases_and_embeddings():
+  groups = {'block': {'dense': {'kernel': layers.KERNEL, 'bias': layers.UNGROUPED},
+                      'conv': {'kernel': layers.NORMALIZED_KERNEL},
+                      'norm': {'scale': layers.UNGROUPED, 'bias': layers.UNGROUPED}},
+            'cls_token': layers.UNGROUPED, 'head': {'kernel': layers.HEAD_KERNEL}}
+  mask = optimizer_lib.weight_decay_mask(groups)
+  assert mask == {'block': {'dense': {'kernel': True, 'bias': False}, 'conv': {'kernel': True},
+                            'norm': {'scale': False, 'bias': False}},
                   'cls_token': False, 'head': {'kernel': True}}
 
 
@@ -80,7 +82,8 @@ def test_every_optimizer_decreases_a_quadratic(name):
   opt = configuration.base_config().optimizer
   with opt.unlocked():
     opt.update({'name': name, 'learning_rate': 0.1, 'warmup_epochs': 0.0, 'weight_decay': 0.0})
-  tx = optimizer_lib.make_optimizer(opt, steps_per_epoch=1, total_steps=50)
+  tx = optimizer_lib.make_optimizer(opt, steps_per_epoch=1, total_steps=50,
+                                    param_groups={'w': {'kernel': layers.KERNEL}})
   params = {'w': {'kernel': jnp.array([3.0, -2.0])}}
   state = tx.init(params)
   loss = lambda p: jnp.sum(p['w']['kernel'] ** 2)
@@ -105,14 +108,21 @@ def _conv_net_params():
           'head': {'kernel': jax.random.normal(keys[1], (8, 3)), 'bias': jnp.zeros(3)}}
 
 
+def _conv_net_groups(**more):
+  """The parameter groups of _conv_net_params (and of `more`), as its layers would declare them."""
+  return {'stem': {'conv': {'kernel': layers.NORMALIZED_KERNEL},
+                   'norm': {'scale': layers.UNGROUPED, 'bias': layers.UNGROUPED}},
+          'head': {'kernel': layers.HEAD_KERNEL, 'bias': layers.UNGROUPED}, **more}
+
+
 def test_muon_takes_the_kernels_batch_norm_follows_and_optionally_the_other_matrices_but_the_head():
   from hybridvit_jax import models  # pylint: disable=import-outside-toplevel
   from configs import hybrid  # pylint: disable=import-outside-toplevel
   config = hybrid.get_config('cpu')
   model = nnx.eval_shape(lambda: models.create_model(config.model, 10, (32, 32, 3), nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  param_groups = models.param_groups(model)
   def group(label, all_matrices):
-    labels = optimizer_lib.muon_labels(params, all_matrices=all_matrices)
+    labels = optimizer_lib.muon_labels(param_groups, all_matrices=all_matrices)
     return {jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(labels) if leaf == label}
   stem_convs = {f"['stem']['layers'][{i}]['conv']['kernel']" for i in range(6)}
   assert group('renormalized', False) == group('renormalized', True) == stem_convs
@@ -123,36 +133,9 @@ def test_muon_takes_the_kernels_batch_norm_follows_and_optionally_the_other_matr
                                   f"{block}['mlp']['fc2']['kernel']"}
 
 
-def test_batch_norm_bias_mask_takes_the_conv_batch_norms_biases_not_layer_norms():
-  from hybridvit_jax import models  # pylint: disable=import-outside-toplevel
-  from configs import hybrid  # pylint: disable=import-outside-toplevel
-  config = hybrid.get_config('cpu')
-  model = nnx.eval_shape(lambda: models.create_model(config.model, 10, (32, 32, 3), nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  mask = optimizer_lib.batch_norm_bias_mask(params)
-  chosen = {jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(mask) if leaf}
-  assert chosen == {f"['stem']['layers'][{i}]['norm']['bias']" for i in range(6)}
-  vit_params = {'norm': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}, 'head': {'kernel': jnp.ones((4, 2))}}
-  assert not any(jax.tree.leaves(optimizer_lib.batch_norm_bias_mask(vit_params)))
-
-
-@pytest.mark.parametrize('name', ['sgd', 'muon'])
-def test_batch_norm_bias_learning_rate_factor_scales_only_those_steps(name):
-  params = _conv_net_params()
-  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
-  def first_update(factor):
-    tx = optimizer_lib.make_optimizer(_muon_config(name=name, batch_norm_bias_learning_rate_factor=factor),
-                                      steps_per_epoch=1, total_steps=10)
-    return tx.update(grads, tx.init(params), params)[0]
-  plain, scaled = first_update(1.0), first_update(8.0)
-  np.testing.assert_allclose(plain['stem']['norm']['bias'], -0.1 * 1.9 * grads['stem']['norm']['bias'], rtol=1e-5)
-  np.testing.assert_allclose(scaled['stem']['norm']['bias'], 8.0 * plain['stem']['norm']['bias'], rtol=1e-5)
-  plain['stem']['norm'].pop('bias'), scaled['stem']['norm'].pop('bias')
-  jax.tree.map(np.testing.assert_array_equal, scaled, plain)
-
-
 def test_muon_step_is_orthogonalised_and_scale_free_and_renormalises_the_kernel():
-  tx = optimizer_lib.make_optimizer(_muon_config(), steps_per_epoch=1, total_steps=10)
+  tx = optimizer_lib.make_optimizer(_muon_config(), steps_per_epoch=1, total_steps=10,
+                                    param_groups=_conv_net_groups())
   params = _conv_net_params()
   state = tx.init(params)
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
@@ -178,7 +161,8 @@ def test_muon_step_is_orthogonalised_and_scale_free_and_renormalises_the_kernel(
 
 
 def test_muon_on_all_matrices_orthogonalises_a_linear_kernel_without_rescaling_it():
-  tx = optimizer_lib.make_optimizer(_muon_config(muon_all_matrices=True), steps_per_epoch=1, total_steps=10)
+  tx = optimizer_lib.make_optimizer(_muon_config(muon_all_matrices=True), steps_per_epoch=1, total_steps=10,
+                                    param_groups=_conv_net_groups(fc={'kernel': layers.KERNEL}))
   params = {**_conv_net_params(), 'fc': {'kernel': jax.random.normal(jax.random.key(2), (8, 6))}}
   state = tx.init(params)
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), params)
@@ -190,25 +174,6 @@ def test_muon_on_all_matrices_orthogonalises_a_linear_kernel_without_rescaling_i
   singular_values = np.linalg.svd(np.asarray(update['fc']['kernel']), compute_uv=False)
   assert np.all((singular_values > 0.2 * 0.5) & (singular_values < 0.2 * 1.5)), singular_values
   np.testing.assert_allclose(update['head']['kernel'], -0.1 * 1.9 * grads['head']['kernel'], rtol=1e-5)
-
-
-def test_muon_other_matrices_take_their_own_learning_rate_and_the_stem_keeps_its_own():
-  params = {**_conv_net_params(), 'fc': {'kernel': jax.random.normal(jax.random.key(2), (8, 6))}}
-  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), params)
-
-  def first_update(**overrides):
-    tx = optimizer_lib.make_optimizer(_muon_config(muon_all_matrices=True, **overrides), steps_per_epoch=1,
-                                      total_steps=10)
-    return tx.update(grads, tx.init(params), params)[0]
-  shared, own = first_update(), first_update(muon_other_matrices_learning_rate=0.05)
-  # the linear kernel's orthogonalised step shrinks from muon_learning_rate 0.2 to 0.05
-  np.testing.assert_allclose(own['fc']['kernel'], shared['fc']['kernel'] * 0.05 / 0.2, rtol=1e-5)
-  singular_values = np.linalg.svd(np.asarray(own['fc']['kernel']), compute_uv=False)
-  assert np.all((singular_values > 0.05 * 0.5) & (singular_values < 0.05 * 1.5)), singular_values
-  # the renormalised conv kernel and the SGD parameters are untouched by it
-  for path in (('stem', 'conv', 'kernel'), ('stem', 'norm', 'bias'), ('head', 'kernel')):
-    leaf = lambda tree: functools.reduce(lambda node, key: node[key], path, tree)
-    np.testing.assert_array_equal(leaf(own), leaf(shared))
 
 
 def test_the_best_checkpoint_is_the_highest_val_accuracy_or_the_lowest_val_loss():
@@ -439,8 +404,8 @@ def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
 
 def test_fresh_run_fits_the_whitening_kernel_to_training_images_and_training_keeps_it(tmp_path):
   config = smoke_config(num_epochs=1)
-  config.model.update({'name': 'hybrid', 'stem_layers': 2, 'stem_channels': (8, 16), 'stem_pools': (True,),
-                       'patch_size': 2, 'stem_whiten_patch_size': 2})
+  config.model.update({'name': 'hybrid', 'vit': {'patch_size': 1},  # 32 -> whitening 31 -> pools 15, 7
+                       'stem': {'stages': ((8,), (16,)), 'whiten_patch_size': 2}})
   loop.train_and_evaluate(config, tmp_path)
   _, _, _, state, _ = evaluate_lib.restore_run(tmp_path, 'latest')
   assert int(state.step) == 7
@@ -454,14 +419,14 @@ def lookahead_state(step: int, *, trained: float, slow: float) -> TrainState:
   return TrainState(step=jnp.int32(step), params={'w': jnp.float32(trained)},
                     model_state={'mean': jnp.float32(trained), 'count': jnp.int32(7)}, opt_state=(),
                     first_nonfinite_step=jnp.int32(-1),
-                    ema_params={'params': {'w': jnp.float32(slow)},
-                                'model_state': {'mean': jnp.float32(slow), 'count': jnp.int32(3)}})
+                    ema_params={}, slow_weights={'params': {'w': jnp.float32(slow)},
+                                                 'model_state': {'mean': jnp.float32(slow), 'count': jnp.int32(3)}})
 
 
 def test_lookahead_pulls_weights_and_batch_norm_statistics_to_the_slow_ones_every_n_steps():
   pull = functools.partial(steps.lookahead, total_steps=10, peak_decay=0.8, every_steps=5)
   values = lambda state: (float(state.params['w']), float(state.model_state['mean']),
-                          float(state.ema_params['params']['w']), float(state.ema_params['model_state']['mean']))
+                          float(state.slow_weights['params']['w']), float(state.slow_weights['model_state']['mean']))
   assert values(pull(lookahead_state(7, trained=2.0, slow=1.0))) == (2.0, 2.0, 1.0, 1.0)  # not a pull step
   # Step 5 of 10: d = 0.8 * 0.5**3 = 0.1, slow = 0.1 * 1 + 0.9 * 2 = 1.9, and the trained weights become it.
   assert values(pull(lookahead_state(5, trained=2.0, slow=1.0))) == pytest.approx((1.9,) * 4)
@@ -470,18 +435,16 @@ def test_lookahead_pulls_weights_and_batch_norm_statistics_to_the_slow_ones_ever
   assert values(state) == (1.0,) * 4 and int(state.model_state['count']) == 7
 
 
-def test_lookahead_run_starts_its_slow_weights_fitted_and_ends_on_them(tmp_path):
-  config = smoke_config(num_epochs=1, lookahead_decay=0.8, lookahead_every_steps=2)
-  config.model.update({'name': 'hybrid', 'stem_layers': 2, 'stem_channels': (8, 16), 'stem_pools': (True,),
-                       'patch_size': 2, 'stem_whiten_patch_size': 2})
+def test_lookahead_run_starts_its_slow_weights_fitted_and_ends_on_them_beside_an_ema(tmp_path):
+  config = smoke_config(num_epochs=1, lookahead_decay=0.8, lookahead_every_steps=2, ema_decay=0.9)
+  config.model.update({'name': 'hybrid', 'vit': {'patch_size': 1},  # 32 -> whitening 31 -> pools 15, 7
+                       'stem': {'stages': ((8,), (16,)), 'whiten_patch_size': 2}})
   loop.train_and_evaluate(config, tmp_path)
   _, _, _, state, _ = evaluate_lib.restore_run(tmp_path, 'latest')
-  slow = state.ema_params
+  slow = state.slow_weights
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.model_state), (slow['params'], slow['model_state']))
   assert float(jnp.abs(state.model_state['stem']['whitening']['kernel']).max()) > 0  # fitted, not the zeros
-
-
-def test_lookahead_and_ema_cannot_share_the_slow_weights():
-  config = smoke_config(lookahead_decay=0.8, ema_decay=0.9)
-  with pytest.raises(configuration.ConfigError, match='lookahead_decay'):
-    configuration.validate(config, device_count=1, image_shape=(32, 32, 3))
+  # the EMA is its own slot: an average of the trained weights, not the slow weights
+  assert jax.tree.structure(state.ema_params) == jax.tree.structure(state.params)
+  assert any(not np.array_equal(ema, trained) for ema, trained in
+             zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)))

@@ -8,7 +8,6 @@ stream of the `rngs` passed to `__call__`, which may be None when `train` is Fal
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,22 @@ BATCH_NORM_EPSILON = 1e-5
 LAYER_NORM_EPSILON = 1e-6
 # The conv stem's activations by name; GELU (airbench's activation) in its tanh approximation.
 STEM_ACTIVATIONS = {'relu': nnx.relu, 'gelu': lambda x: nnx.gelu(x, approximate=True)}
+
+# Parameter groups, declared as `group` metadata on the nnx.Param where a layer makes it, so the
+# optimizer reads them off the model (`models.param_groups`) instead of guessing from names:
+# KERNEL, a matrix or conv filter (weight decay applies; Muon may take it); NORMALIZED_KERNEL, a
+# conv filter whose output BatchNorm normalises (its scale does not matter: Muon renormalises it);
+# HEAD_KERNEL, the classifier's matrix (weight decay, never Muon). A parameter without a group
+# (biases, norms, class token, position embedding) takes neither weight decay nor Muon.
+KERNEL = 'kernel'
+NORMALIZED_KERNEL = 'normalized_kernel'
+HEAD_KERNEL = 'head_kernel'
+UNGROUPED = 'other'
+
+
+def group(name: str) -> dict[str, str]:
+  """The `kernel_metadata` of an nnx.Linear or nnx.Conv whose kernel is in parameter group `name`."""
+  return {'group': name}
 
 
 _NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
@@ -73,7 +88,7 @@ def columns_times_kernel(columns: jax.Array, kernel: jax.Array, precision=None,
   2-D products: the kernel's is columns^T [K, B*H*W] x output gradient [B*H*W, O], contracting the
   positions of both. Left to its own transpose rule, XLA:CPU writes the output gradient out
   transposed ([O, B*H*W], fused into BatchNorm's backward) for that product, a slow strided write:
-  this form makes the hybrid `:cpu` train step ~10% faster (BENCHMARKS.md), with the same values."""
+  this form makes the hybrid `:cpu` train step faster (BENCHMARKS.md), with the same values."""
   return lax.dot_general(columns, kernel, (((3,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=preferred_element_type)
 
@@ -112,20 +127,6 @@ def backend_conv(*args, **kwargs) -> jax.Array:
   return conv(*args, **kwargs)
 
 
-def dirac_kernel_init(base: jax.nn.initializers.Initializer) -> jax.nn.initializers.Initializer:
-  """`base`, with the first min(in, out) filters of a [kh, kw, in, out] kernel replaced by the identity
-  (filter o passes input channel o through its centre tap), so the convolution starts as a partial
-  identity on its input (airbench's dirac initialisation)."""
-  def init(key, shape, dtype=jnp.float32):
-    kernel_h, kernel_w, in_channels, out_channels = shape
-    kernel = base(key, shape, dtype)
-    passed = jnp.arange(min(in_channels, out_channels))
-    identity = jnp.zeros((kernel_h, kernel_w, in_channels, len(passed)), dtype)
-    identity = identity.at[kernel_h // 2, kernel_w // 2, passed, passed].set(1)
-    return kernel.at[..., :len(passed)].set(identity)
-  return init
-
-
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pooling with stride 2 (an odd last row or column is dropped): [B,H,W,C] -> [B,H//2,W//2,C].
 
@@ -149,8 +150,6 @@ class ConvBatchNorm(nnx.Module):
       stride: int = 1,
       padding: str | int = 'SAME',
       zero_init_scale: bool = False,
-      use_scale: bool = True,
-      dirac_init: bool = False,
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
@@ -160,18 +159,15 @@ class ConvBatchNorm(nnx.Module):
       stride: step of the convolution in both spatial dimensions.
       padding: 'SAME', or an int p padding every spatial side by p (PyTorch style).
       zero_init_scale: start the BatchNorm scale at 0, so the layer first outputs only its bias (0).
-      use_scale: whether BatchNorm has a trained scale; without it the output is the normalised
-        convolution plus a trained bias.
-      dirac_init: start the first min(in, out) filters as the identity (`dirac_kernel_init`).
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
     self.conv = nnx.Conv(
         in_channels, out_channels, (kernel_size, kernel_size), strides=stride, padding=padding,
-        use_bias=False, kernel_init=dirac_kernel_init(CONV_INIT) if dirac_init else CONV_INIT,
-        conv_general_dilated=backend_conv, dtype=dtype, rngs=rngs)
+        use_bias=False, kernel_init=CONV_INIT, conv_general_dilated=backend_conv,
+        kernel_metadata=group(NORMALIZED_KERNEL), dtype=dtype, rngs=rngs)
     self.norm = nnx.BatchNorm(
-        out_channels, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, use_scale=use_scale, dtype=dtype,
+        out_channels, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=dtype,
         scale_init=nnx.initializers.zeros_init() if zero_init_scale else nnx.initializers.ones_init(),
         rngs=rngs)
 
@@ -213,149 +209,95 @@ def patch_whitening_kernel(images: jax.Array, patch_size: int, epsilon: float = 
 
 
 class PatchWhitening(nnx.Module):
-  """The first layer of a whitened conv stem (airbench's patch whitening): a k x k convolution
-  ('SAME' padding, or 'VALID' as airbench's) whose fixed filters whiten the training images' k x k
-  patches, plus a trained bias (optional: without it nothing below the next layer is trained, so
-  the backward pass stops there).
-  With stride k it whitens non-overlapping patches (a whitened space-to-depth: nothing is lost,
-  and the layers after it run at 1/k of the resolution).
+  """The first layer of a whitened conv stem (airbench's patch whitening): an unpadded k x k
+  convolution whose fixed filters whiten the training images' k x k patches (H -> H - k + 1), with
+  no trained bias, so nothing below the next layer is trained and the backward pass stops at
+  that layer's kernel.
 
   Its kernel is random until `fit` sets it from training images; the loop fits it once, before
   the first step of a fresh run, and checkpoints keep it.
   """
 
-  def __init__(self, in_channels: int, patch_size: int, *, stride: int = 1, padding: str = 'SAME',
-               use_bias: bool = True, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, patch_size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
       patch_size: side k of the whitened patches; the layer outputs 2*k*k*C channels.
-      stride: step between patches in both spatial dimensions.
-      padding: 'SAME' (zero padding, the output side is ceil(H / stride)) or 'VALID' (patches inside
-        the image only: (H - k) // stride + 1; a 2x2 layer takes 32x32 to 31x31, and the stem's pools
-        then halve 31 to 15, 7, 3: fewer positions for every layer after it).
-      use_bias: add a trained bias (initially 0) to the whitened features.
       dtype: compute dtype.
       rngs: parameter initialisation randomness (the placeholder kernel).
     """
     self.patch_size = patch_size
-    self.stride = stride
-    self.padding = padding
     self.out_channels = 2 * patch_size * patch_size * in_channels
     self.kernel = FittedKernel(CONV_INIT(rngs.params(), (patch_size, patch_size, in_channels, self.out_channels)))
-    self.bias = nnx.Param(jnp.zeros((self.out_channels,))) if use_bias else None
     self.dtype = dtype
 
   def fit(self, images: jax.Array) -> None:
     """Sets the kernel to `patch_whitening_kernel` of float images [N,H,W,C] (a few thousand suffice)."""
     self.kernel[...] = patch_whitening_kernel(images, self.patch_size)
 
+  def output_size(self, size: int) -> int:
+    """Side of the output for an input side of `size` (only patches inside the image)."""
+    return size - self.patch_size + 1
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    """[B,H,W,C] -> [B,H',W',2*k*k*C], H' = whitened_size(H, k, stride, padding) (W' likewise)."""
+    """[B,H,W,C] -> [B,H-k+1,W-k+1,2*k*k*C]."""
     kernel = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
-    y = backend_conv(x, kernel, (self.stride, self.stride), self.padding,
-                     dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC_HWIO))
-    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+    return backend_conv(x, kernel, (1, 1), 'VALID',
+                        dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC_HWIO))
 
 
-class StemLayerSpec(NamedTuple):
-  """One conv stem layer: conv(kernel_size, stride) to `channels`, then an optional 2x2 max-pool."""
-  channels: int
-  kernel_size: int
-  stride: int
-  pool: bool
+# Where each stem stage's 2x2 max-pool goes: after its first conv (airbench's conv groups: the
+# stage's other convs run at the pooled size) or after its last (VGG's blocks).
+POOL_POSITIONS = ('first', 'last')
 
 
-def stem_layer_specs(
-    num_layers: int, channels: Sequence[int], kernel_sizes: Sequence[int], strides: Sequence[int],
-    pools: Sequence[bool]) -> tuple[StemLayerSpec, ...]:
-  """Per-layer specs of a `num_layers` conv stem; layer i takes entry min(i, len - 1) of each sequence."""
-  def entry(values, i):
-    return values[min(i, len(values) - 1)]
-  return tuple(
-      StemLayerSpec(entry(channels, i), entry(kernel_sizes, i), entry(strides, i), bool(entry(pools, i)))
-      for i in range(num_layers))
-
-
-WHITEN_PADDINGS = ('SAME', 'VALID')
-
-
-def whitened_size(size: int, patch_size: int, stride: int, padding: str) -> int:
-  """Side of a patch-whitening layer's output for an input side of `size`."""
-  if padding == 'VALID':
-    return (size - patch_size) // stride + 1
-  return -(-size // stride)
-
-
-def stem_output_size(size: int, specs: tuple[StemLayerSpec, ...], whiten_patch_size: int = 0, whiten_stride: int = 1,
-                     whiten_padding: str = 'SAME') -> int:
-  """Side length of the stem's output for an input side of `size` ('SAME' convs, floor-dividing pools),
-  behind a patch-whitening layer of k x k patches with that stride and padding (k = 0: none)."""
-  if whiten_patch_size:
-    size = whitened_size(size, whiten_patch_size, whiten_stride, whiten_padding)
-  for spec in specs:
-    size = -(-size // spec.stride)
-    if spec.pool:
-      size //= 2
-  return size
+def stem_layer_pools(stages: Sequence[Sequence[int]], pool_position: str) -> tuple[tuple[int, bool], ...]:
+  """The stem's conv layers in order as (channels, followed by a 2x2 max-pool) pairs."""
+  return tuple((channels, index == (0 if pool_position == 'first' else len(stage) - 1))
+               for stage in stages for index, channels in enumerate(stage))
 
 
 class ConvStem(nnx.Module):
-  """Conv layers (conv -> BatchNorm -> activation -> optional 2x2 max-pool) in front of tokenisation,
-  optionally behind a `PatchWhitening` layer (-> activation); the activation is ReLU or GELU.
-
-  With no specs (and no whitening) it is the identity, so a hybrid with zero stem layers is exactly a plain ViT.
-  With no specs but the whitening it is the whitening alone, no activation: in front of a ViT's patch
-  embedding (whitening stride = patch side, patch_size 1) each patch is whitened, then embedded by
-  the trained linear map, so the composition is still one linear patch embedding, better conditioned.
+  """Conv stages in front of tokenisation, optionally behind a `PatchWhitening` layer: each conv
+  is 3x3, stride 1, 'SAME' -> BatchNorm -> activation (ReLU or GELU), and each stage has one 2x2
+  max-pool, after its first or its last conv. With no stages it is the identity, so a hybrid
+  without a stem is exactly a plain ViT.
   """
 
-  def __init__(self, in_channels: int, specs: tuple[StemLayerSpec, ...], *, whiten_patch_size: int = 0,
-               whiten_stride: int = 1, whiten_padding: str = 'SAME', whiten_bias: bool = True,
-               batch_norm_scale: bool = True, dirac_init: bool = False, activation: str = 'relu', dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, stages: Sequence[Sequence[int]], *, pool_position: str = 'last',
+               whiten_patch_size: int = 0, activation: str = 'relu', dtype: jnp.dtype, rngs: nnx.Rngs):
     """Args:
       in_channels: channels C of the input images.
-      specs: one StemLayerSpec per layer, in order.
-      whiten_patch_size: k > 0 puts a PatchWhitening layer of k x k patches first; 0 = none.
-      whiten_stride: that layer's stride.
-      whiten_padding: that layer's padding, 'SAME' or 'VALID' (`PatchWhitening`).
-      whiten_bias: whether that layer has a trained bias.
-      batch_norm_scale: whether the conv layers' BatchNorms have a trained scale.
-      dirac_init: start each conv layer as a partial identity (`dirac_kernel_init`).
+      stages: each stage's conv widths in order, e.g. ((64, 64), (256, 256)); () = no stem.
+      pool_position: 'first' or 'last': the conv of each stage that the stage's max-pool follows.
+      whiten_patch_size: k > 0 puts a PatchWhitening layer of k x k patches first (with stages only).
       activation: the name, in STEM_ACTIVATIONS, of the function after each layer.
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
     self.activation = STEM_ACTIVATIONS[activation]
-    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, stride=whiten_stride, padding=whiten_padding,
-                                     use_bias=whiten_bias, dtype=dtype, rngs=rngs)
+    self.whitening = (PatchWhitening(in_channels, whiten_patch_size, dtype=dtype, rngs=rngs)
                       if whiten_patch_size else None)
+    self.pools = tuple(pool for _, pool in stem_layer_pools(stages, pool_position))
+    widths = [channels for channels, _ in stem_layer_pools(stages, pool_position)]
     first_in_channels = self.whitening.out_channels if self.whitening else in_channels
-    layer_in_channels = (first_in_channels,) + tuple(spec.channels for spec in specs[:-1])
-    self.layers = nnx.List([
-        ConvBatchNorm(c_in, spec.channels, spec.kernel_size, stride=spec.stride, use_scale=batch_norm_scale,
-                      dirac_init=dirac_init, dtype=dtype, rngs=rngs)
-        for c_in, spec in zip(layer_in_channels, specs)])
-    self.specs = specs
-    self.out_channels = specs[-1].channels if specs else first_in_channels
+    self.layers = nnx.List([ConvBatchNorm(c_in, c_out, 3, dtype=dtype, rngs=rngs)
+                            for c_in, c_out in zip([first_in_channels] + widths[:-1], widths)])
+    self.out_channels = widths[-1] if widths else first_in_channels
 
   def output_size(self, size: int) -> int:
-    """Side of the output for an input side of `size`."""
-    if self.whitening is None:
-      return stem_output_size(size, self.specs)
-    return stem_output_size(size, self.specs, self.whitening.patch_size, self.whitening.stride,
-                            self.whitening.padding)
+    """Side of the output for an input side of `size` (pools floor-divide)."""
+    if self.whitening is not None:
+      size = self.whitening.output_size(size)
+    return size // 2 ** sum(self.pools)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B,H,W,C] -> [B,H',W',out_channels], H' and W' as given by `output_size`."""
     if self.whitening is not None:
-      x = self.whitening(x)
-      if self.specs:  # alone, the whitening stays linear: the patch embedding after it sees whitened patches
-        x = self.activation(x)
-    for layer, spec in zip(self.layers, self.specs):
+      x = self.activation(self.whitening(x))
+    for layer, pool in zip(self.layers, self.pools):
       x = self.activation(layer(x, train=train))
-      if spec.pool:
+      if pool:
         x = max_pool_2x2(x)
     return x
 
@@ -381,8 +323,10 @@ class MLP(nnx.Module):
       dtype: compute dtype.
       rngs: parameter initialisation randomness.
     """
-    self.fc1 = nnx.Linear(hidden_size, mlp_dim, kernel_init=DENSE_INIT, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, hidden_size, kernel_init=DENSE_INIT, dtype=dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(hidden_size, mlp_dim, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
+                          dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, hidden_size, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
+                          dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -407,8 +351,10 @@ class MultiHeadSelfAttention(nnx.Module):
       rngs: parameter initialisation randomness.
     """
     self.num_heads = num_heads
-    self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, kernel_init=DENSE_INIT, dtype=dtype, rngs=rngs)
-    self.proj = nnx.Linear(hidden_size, hidden_size, kernel_init=DENSE_INIT, dtype=dtype, rngs=rngs)
+    self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
+                          dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(hidden_size, hidden_size, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
+                           dtype=dtype, rngs=rngs)
     self.attention_dropout = nnx.Dropout(attention_dropout_rate)
     self.dropout = nnx.Dropout(dropout_rate)
 

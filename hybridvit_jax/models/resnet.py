@@ -2,10 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from hybridvit_jax.models import layers
+from hybridvit_jax.models import checks, layers
 
+# 'cifar' for small images; 'imagenet' (7x7 stride 2 + max-pool) for ImageNet-sized ones.
 STEMS = ('cifar', 'imagenet')
 EXPANSION = 4  # a bottleneck block outputs EXPANSION times its inner width
 
@@ -82,7 +84,8 @@ class ResNet(nnx.Module):
         blocks.append(BottleneckBlock(in_channels, width * 2**stage, stride=stride, dtype=dtype, rngs=rngs))
         in_channels = EXPANSION * width * 2**stage
     self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(in_channels, num_classes, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(in_channels, num_classes, kernel_metadata=layers.group(layers.HEAD_KERNEL), dtype=dtype,
+                           rngs=rngs)
 
   def __call__(self, images: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Classifies normalised float images [B,H,W,C] into float32 logits [B,num_classes].
@@ -98,3 +101,30 @@ class ResNet(nnx.Module):
     for block in self.blocks:
       x = block(x, train=train)
     return self.head(x.mean(axis=(1, 2))).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------ config
+def config_groups() -> dict[str, ml_collections.ConfigDict]:
+  """The config group a ResNet reads, `resnet`, with its defaults (ResNet50, CIFAR stem)."""
+  return {'resnet': ml_collections.ConfigDict(dict(
+      stage_sizes=(3, 4, 6, 3),  # bottleneck blocks per stage
+      width=64,  # the first stage's inner width
+      stem='cifar',  # 'cifar' (3x3 conv, stride 1) | 'imagenet' (7x7 conv, stride 2 + max-pool)
+  ))}
+
+
+def build(model_config: ml_collections.ConfigDict, *, num_classes: int, image_shape: tuple[int, int, int],
+          dtype: jnp.dtype, rngs: nnx.Rngs) -> ResNet:
+  """A bottleneck ResNet from the `resnet` group of a model config."""
+  resnet = model_config.resnet
+  return ResNet(image_shape=image_shape, num_classes=num_classes, stage_sizes=tuple(resnet.stage_sizes),
+                width=resnet.width, stem=resnet.stem, dtype=dtype, rngs=rngs)
+
+
+def validate(model_config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> None:
+  """Raises ValueError naming the first `model.resnet.*` key that cannot build a ResNet."""
+  del image_shape  # any size: the network ends in a global average pool
+  resnet = model_config.resnet
+  checks.choice(resnet.stem, 'model.resnet.stem', STEMS)
+  checks.positive(resnet.width, 'model.resnet.width')
+  checks.positive_sequence(resnet.stage_sizes, 'model.resnet.stage_sizes')

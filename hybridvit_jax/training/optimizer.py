@@ -1,11 +1,11 @@
 """The optax optimizer a config asks for: schedule, clipping, weight decay off norms and biases."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from optax import contrib
+
+from hybridvit_jax.models import layers
 
 # Newton-Schulz iterations that orthogonalise a Muon update: airbench's 3 (its network trains as
 # well as with 5, for 40% less of the iteration's cost).
@@ -13,6 +13,7 @@ MUON_NEWTON_SCHULZ_STEPS = 3
 # Conv kernels are [kh, kw, in, out]: Muon orthogonalises them as [kh*kw*in, out] matrices.
 CONV_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=(3,))
 LINEAR_KERNEL_DIMENSIONS = contrib.MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
+KERNEL_GROUPS = (layers.KERNEL, layers.NORMALIZED_KERNEL, layers.HEAD_KERNEL)
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
@@ -42,37 +43,11 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, steps_per_e
   return schedule
 
 
-def _path_keys(path) -> list:
-  """The dict keys along a tree path (None for sequence indices)."""
-  return [getattr(entry, 'key', None) for entry in path]
-
-
-def weight_decay_mask(params):
-  """True for the leaves weight decay applies to: kernels (matrices, conv filters), not norms,
-  biases, class tokens or position embeddings. `params` is a nested dict of arrays."""
-  def is_kernel(path, _):
-    return _path_keys(path)[-1] == 'kernel'
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
-def batch_normed_kernel_mask(params):
-  """True for the conv kernels that BatchNorm follows (`layers.ConvBatchNorm`'s: the leaves at
-  .../conv/kernel, 4-D), whose scale the network's output does not depend on."""
-  def is_batch_normed_kernel(path, leaf):
-    return _path_keys(path)[-2:] == ['conv', 'kernel'] and leaf.ndim == 4
-  return jax.tree_util.tree_map_with_path(is_batch_normed_kernel, params)
-
-
-def batch_norm_bias_mask(params):
-  """True for the biases of the BatchNorms that follow a conv kernel (`layers.ConvBatchNorm`'s
-  .../norm/bias beside a leaf of `batch_normed_kernel_mask`), not those of LayerNorms."""
-  conv_blocks = {jax.tree_util.keystr(path[:-2])
-                 for path, is_batch_normed in jax.tree_util.tree_leaves_with_path(batch_normed_kernel_mask(params))
-                 if is_batch_normed}
-
-  def is_batch_norm_bias(path, _):
-    return _path_keys(path)[-2:] == ['norm', 'bias'] and jax.tree_util.keystr(path[:-2]) in conv_blocks
-  return jax.tree_util.tree_map_with_path(is_batch_norm_bias, params)
+def weight_decay_mask(param_groups):
+  """True for the parameters weight decay applies to: the kernels (matrices, conv filters) of
+  every group, not biases, norms, class tokens or position embeddings. `param_groups` is
+  `models.param_groups` of the model: each parameter's group name, shaped as the parameters."""
+  return jax.tree.map(lambda group: group in KERNEL_GROUPS, param_groups)
 
 
 def renormalize_kernels() -> optax.GradientTransformation:
@@ -87,20 +62,15 @@ def renormalize_kernels() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def muon_labels(params, *, all_matrices: bool):
-  """The Muon group of each parameter: 'renormalized' for the kernels of `batch_normed_kernel_mask`;
-  with all_matrices, 'plain' for every other kernel (Linear [in, out], conv [kh, kw, in, out])
-  except the classifier head's; 'rest' for everything else."""
-  batch_normed = batch_normed_kernel_mask(params)
-
-  def label(path, leaf, is_batch_normed):
-    keys = _path_keys(path)
-    if is_batch_normed:
+def muon_labels(param_groups, *, all_matrices: bool):
+  """The Muon group of each parameter: 'renormalized' for the kernels BatchNorm follows
+  (layers.NORMALIZED_KERNEL); with all_matrices, 'plain' for every other kernel but the
+  classifier head's (layers.KERNEL: Linear [in, out], conv [kh, kw, in, out]); 'rest' for everything else."""
+  def label(group):
+    if group == layers.NORMALIZED_KERNEL:
       return 'renormalized'
-    if all_matrices and keys[-1] == 'kernel' and keys[0] != 'head' and leaf.ndim in (2, 4):
-      return 'plain'
-    return 'rest'
-  return jax.tree_util.tree_map_with_path(label, params, batch_normed)
+    return 'plain' if all_matrices and group == layers.KERNEL else 'rest'
+  return jax.tree.map(label, param_groups)
 
 
 def _muon_dimensions(kernels):
@@ -110,46 +80,41 @@ def _muon_dimensions(kernels):
 
 
 def muon_for_matrices(opt_config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                      rest: optax.GradientTransformation) -> optax.GradientTransformation:
+                      rest: optax.GradientTransformation, param_groups) -> optax.GradientTransformation:
   """Muon (orthogonalised Nesterov momentum, `muon_momentum`, peak `muon_learning_rate` on the
   shape of `schedule`) on the kernels BatchNorm follows, each renormalised every step, and with
-  `muon_all_matrices` on the network's other matrices too (not renormalised; peak
-  `muon_other_matrices_learning_rate`, or `muon_learning_rate` where that is 0); `rest` on every
+  `muon_all_matrices` on the network's other matrices too (not renormalised); `rest` on every
   other parameter."""
-  other_matrices_peak = opt_config.muon_other_matrices_learning_rate or opt_config.muon_learning_rate
-
-  def muon(peak, *then):
+  def muon(*then):
     return optax.chain(
         contrib.scale_by_muon(ns_steps=MUON_NEWTON_SCHULZ_STEPS, beta=opt_config.muon_momentum, nesterov=True,
                               weight_dimension_numbers=_muon_dimensions),
-        optax.scale_by_learning_rate(lambda step: schedule(step) * (peak / opt_config.learning_rate)), *then)
-  return optax.partition({'renormalized': muon(opt_config.muon_learning_rate, renormalize_kernels()),
-                          'plain': muon(other_matrices_peak), 'rest': rest},
-                         functools.partial(muon_labels, all_matrices=opt_config.muon_all_matrices))
+        optax.scale_by_learning_rate(
+            lambda step: schedule(step) * (opt_config.muon_learning_rate / opt_config.learning_rate)), *then)
+  return optax.partition({'renormalized': muon(renormalize_kernels()), 'plain': muon(), 'rest': rest},
+                         muon_labels(param_groups, all_matrices=opt_config.muon_all_matrices))
 
 
-def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int,
-                   total_steps: int | jax.Array) -> optax.GradientTransformation:
+def make_optimizer(opt_config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int | jax.Array,
+                   param_groups) -> optax.GradientTransformation:
   """The full update rule: optional global-norm clipping, then adam / adamw / lamb / sgd / muon (sgd
-  with Muon on the kernels BatchNorm follows), the BatchNorm biases' steps times
-  `batch_norm_bias_learning_rate_factor` (their learning rate's factor: no weight decay reaches them);
-  an update whose gradients are not finite is skipped (and counted) by optax.apply_if_finite."""
+  with Muon on the kernels BatchNorm follows); an update whose gradients are not finite is skipped
+  (and counted) by optax.apply_if_finite. `param_groups` (`models.param_groups`) says which
+  parameters are which kernels."""
   schedule = learning_rate_schedule(opt_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   if opt_config.name in ('adamw', 'lamb'):
     update = (optax.adamw if opt_config.name == 'adamw' else optax.lamb)(
         schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay,
-        mask=weight_decay_mask)
+        mask=weight_decay_mask(param_groups))
   else:  # adam and sgd take weight decay as an L2 term added to the gradient
     if opt_config.name == 'adam':
       rule = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
     else:
       rule = optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov)
-    update = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask), rule)
+    update = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask(param_groups)),
+                         rule)
     if opt_config.name == 'muon':
-      update = muon_for_matrices(opt_config, schedule, update)
-  if opt_config.batch_norm_bias_learning_rate_factor != 1.0:
-    update = optax.chain(update, optax.masked(optax.scale(opt_config.batch_norm_bias_learning_rate_factor),
-                                              batch_norm_bias_mask))
+      update = muon_for_matrices(opt_config, schedule, update, param_groups)
   if opt_config.grad_clip_norm:
     update = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), update)
   return optax.apply_if_finite(update, max_consecutive_errors=2**30)

@@ -19,8 +19,9 @@ class TrainState:
   opt_state: the optax state for `params` (optax.apply_if_finite counts skipped updates).
   first_nonfinite_step: int32 scalar, the first step whose loss or gradients were not
     finite (its update was skipped), or -1.
-  ema_params: the exponential moving average of `params` (config.ema_decay), or with lookahead
-    (config.lookahead_decay) the slow weights {'params': ..., 'model_state': ...}; else {}.
+  ema_params: the exponential moving average of `params` (config.ema_decay), else {}.
+  slow_weights: Lookahead's slow weights {'params': ..., 'model_state': ...} (config.lookahead_decay),
+    else {}.
   """
   step: jax.Array
   params: dict
@@ -28,13 +29,13 @@ class TrainState:
   opt_state: optax.OptState
   first_nonfinite_step: jax.Array
   ema_params: dict
+  slow_weights: dict
 
 
 def model_graphdef(model_config: ml_collections.ConfigDict, *, num_classes: int,
                    image_shape: tuple[int, int, int]) -> nnx.GraphDef:
   """The model's static structure, built without allocating parameters."""
-  abstract_model = nnx.eval_shape(lambda: models.create_model(
-      model_config, num_classes=num_classes, image_shape=image_shape, rngs=nnx.Rngs(0)))
+  abstract_model = models.abstract_model(model_config, num_classes=num_classes, image_shape=image_shape)
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
   return graphdef
 
@@ -47,11 +48,8 @@ def init_train_state(model_config: ml_collections.ConfigDict, optimizer: optax.G
                               rngs=nnx.Rngs(seed))
   _, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
-  ema_params = {}
-  if keep_ema:
-    ema_params = jax.tree.map(jnp.copy, params)
-  elif keep_slow_weights:
-    ema_params = jax.tree.map(jnp.copy, {'params': params, 'model_state': model_state})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                     opt_state=optimizer.init(params), first_nonfinite_step=jnp.full((), -1, jnp.int32),
-                    ema_params=ema_params)
+                    ema_params=jax.tree.map(jnp.copy, params) if keep_ema else {},
+                    slow_weights=(jax.tree.map(jnp.copy, {'params': params, 'model_state': model_state})
+                                  if keep_slow_weights else {}))

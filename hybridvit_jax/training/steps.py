@@ -71,15 +71,15 @@ def fit_to_data(state: TrainState, images: jax.Array, *, graphdef: nnx.GraphDef,
   model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
   model.fit_to_images(prepare_images(images, data_config))
   model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-  if 'model_state' in state.ema_params:  # lookahead's slow weights start as the fitted model too
+  if state.slow_weights:  # lookahead's slow weights start as the fitted model too
     return state.replace(model_state=model_state,
-                         ema_params={**state.ema_params, 'model_state': jax.tree.map(jnp.copy, model_state)})
+                         slow_weights={**state.slow_weights, 'model_state': jax.tree.map(jnp.copy, model_state)})
   return state.replace(model_state=model_state)
 
 
 def lookahead(state: TrainState, *, total_steps: int | jax.Array, peak_decay: float, every_steps: int) -> TrainState:
   """airbench's Lookahead after the update that brought the run to `state.step`: every
-  `every_steps` steps the slow weights (state.ema_params: {'params', 'model_state'}, parameters and
+  `every_steps` steps the slow weights (state.slow_weights: {'params', 'model_state'}, parameters and
   BatchNorm statistics) become d * slow + (1 - d) * trained and the trained ones are set to them,
   d = peak_decay * (step / total_steps)**3 (no pull early on, the strongest at the end); at
   `total_steps` d = 1: the run ends on the slow weights. Integer leaves are left as trained."""
@@ -92,9 +92,9 @@ def lookahead(state: TrainState, *, total_steps: int | jax.Array, peak_decay: fl
     if not jnp.issubdtype(fast.dtype, jnp.floating):
       return fast
     return jnp.where(pull, (decay * slow + (1.0 - decay) * fast).astype(fast.dtype), slow)
-  slow = jax.tree.map(pulled, state.ema_params, trained)
+  slow = jax.tree.map(pulled, state.slow_weights, trained)
   new_trained = jax.tree.map(lambda s, fast: jnp.where(pull, s, fast), slow, trained)
-  return state.replace(params=new_trained['params'], model_state=new_trained['model_state'], ema_params=slow)
+  return state.replace(params=new_trained['params'], model_state=new_trained['model_state'], slow_weights=slow)
 
 
 def end_lookahead(state: TrainState) -> TrainState:
