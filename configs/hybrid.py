@@ -10,7 +10,7 @@ the stem (the patch size follows), so without stem stages it is the plain ViT-Ti
     python launch.py --config=configs/hybrid.py --workdir=runs/hybrid
     python launch.py --config=configs/hybrid.py:paper --workdir=runs/hybrid_paper
 """
-from configs import common
+from hybridvit_jax.configs import common
 
 HYBRID = {'name': 'hybrid', 'vit': {'token_grid': 8},
           'stem': {'stages': ((64, 128), (192,)), 'pool_position': 'last'}}

@@ -7,7 +7,7 @@ Default preset: 200 epochs of SGD-Nesterov with crop, flip and Cutout; a GPU/TPU
     python launch.py --config=configs/resnet50.py --workdir=runs/resnet50
     python launch.py --config=configs/resnet50.py:paper --workdir=runs/resnet50_paper
 """
-from configs import common
+from hybridvit_jax.configs import common
 
 RECIPE = {'num_epochs': 200, 'batch_size': 128, 'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.1,
           'optimizer.momentum': 0.9, 'optimizer.nesterov': True, 'optimizer.weight_decay': 5e-4,

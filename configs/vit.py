@@ -7,7 +7,7 @@ fast track: a 4-layer ViT/4 of width 128 for an hour (results: docs/results.md).
     python launch.py --config=configs/vit.py --workdir=runs/vit
     python launch.py --config=configs/vit.py:paper --workdir=runs/vit_paper
 """
-from configs import common
+from hybridvit_jax.configs import common
 
 # A small ViT/4 trained for many epochs beats a larger one trained for few: 4 layers of width 128
 # learn about as much per step as 6 of width 192 at a third of the step time. Muon on every matrix

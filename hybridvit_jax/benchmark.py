@@ -43,11 +43,11 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from hybridvit_jax import cli, configuration, data, models
+from hybridvit_jax import cli, configuration, data, flops, models
 from hybridvit_jax.data import source
 from hybridvit_jax.training import inputs, loop
 from hybridvit_jax.training import steps as training_steps
-from hybridvit_jax.training.metrics import ClassificationMetrics
+from hybridvit_jax.training.metrics import TrainMetrics
 
 TRAIN_SET_BATCHES = 4  # the random train set holds this many global batches
 FALLBACK_NUM_CLASSES = 10
@@ -129,7 +129,7 @@ def median_seconds(call: Callable[[], Any], *, steps: int, warmup: int) -> float
   return statistics.median(durations[warmup:])
 
 
-def train_step_seconds(compiled_step, state, metrics: ClassificationMetrics, step_inputs: StepInputs, *,
+def train_step_seconds(compiled_step, state, metrics: TrainMetrics, step_inputs: StepInputs, *,
                        steps: int, warmup: int) -> float:
   """Median seconds of one train step, each waited for on its new state. `state` and `metrics`
   are donated to the first step: neither can be used afterwards."""
@@ -140,18 +140,6 @@ def train_step_seconds(compiled_step, state, metrics: ClassificationMetrics, ste
     return carry[0]
 
   return median_seconds(one_step, steps=steps, warmup=warmup)
-
-
-def traced_flops(lowered: jax.stages.Lowered) -> float:
-  """Flops of one call of a lowered (not yet compiled) program, all devices together: XLA's cost
-  analysis of the computation as traced. Compiled programs are not counted: the GPU compiler
-  turns matrix products and convolutions into cuBLAS/cuDNN calls whose flops its cost analysis
-  leaves out (an H200's compiled hybrid step counted 0.24 of the 3.1 GFLOP an image). Some jax
-  versions return a list with one dict per program."""
-  analysis = lowered.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis['flops'])
 
 
 def peak_flops_per_s(dtype: str, mesh: jax.sharding.Mesh, *, steps: int, warmup: int) -> tuple[float, int]:
@@ -237,7 +225,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> 
   init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=TRAIN_SET_BATCHES)
   total_steps = config.num_epochs * TRAIN_SET_BATCHES
   state = init_state()
-  metrics = jax.device_put(ClassificationMetrics.empty(), NamedSharding(mesh, P()))
+  metrics = jax.device_put(TrainMetrics.empty(), NamedSharding(mesh, P()))
   step_inputs = STEP_INPUTS[mode](config, mesh, train_set)
   params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
@@ -245,7 +233,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> 
   lowered_step = train_step.lower(state, metrics, *step_inputs, total_steps=total_steps)
   compiled_step = functools.partial(lowered_step.compile(), total_steps=total_steps)
   compile_s = time.perf_counter() - start
-  flops_per_step = traced_flops(lowered_step)
+  flops_per_step = flops.traced_flops(lowered_step)
   logging.info('benchmark: compiled in %.1f s; %.4g GFLOP per step; timing %d steps after %d',
                compile_s, flops_per_step / 1e9, steps, warmup)
   step_s = train_step_seconds(compiled_step, state, metrics, step_inputs, steps=steps, warmup=warmup)
@@ -295,6 +283,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   options = flags.FLAGS
+  cli.use_compilation_cache(options.config.compilation_cache)
   result = cli.run_and_exit(benchmark, options.config, steps=options.steps, warmup=options.warmup)
   print(json.dumps({'config': config_argument(options['config']), **result}), flush=True)
 

@@ -27,6 +27,19 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
 
 
+def use_compilation_cache(enabled: bool) -> None:
+  """JAX's persistent compilation cache (config.compilation_cache), in $JAX_COMPILATION_CACHE_DIR
+  or else $XDG_CACHE_HOME/hybridvit_jax/jax (~/.cache/...): a command that compiles a step some
+  earlier command compiled (a resumed run, evaluate, report, benchmark) loads it instead. Call it
+  before the first compile."""
+  if not enabled:
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
+  if not jax.config.jax_compilation_cache_dir:
+    cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache_home, 'hybridvit_jax', 'jax'))
+
+
 def fail(message: str) -> None:
   """Prints `error: message` on stderr and exits with the usage exit code."""
   print(f'error: {message}', file=sys.stderr, flush=True)
@@ -73,6 +86,7 @@ def train_main(config, workdir: str, *, coordinator_address=None, num_processes=
   """launch.py's body: multi-process start-up (if any), then the training loop."""
   quiet_library_logs()
   initialize_distributed(coordinator_address, num_processes, process_id)
+  use_compilation_cache(config.compilation_cache)
   from hybridvit_jax.training import loop  # pylint: disable=import-outside-toplevel  # after jax.distributed
   try:
     return loop.train_and_evaluate(config, workdir)

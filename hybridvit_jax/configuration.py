@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.lookahead_every_steps = 5
   config.eval_flip = False  # test-time augmentation: average the logits of the image and its mirror
   config.eval_translate = 0  # test-time augmentation: n > 0 adds views shifted n pixels (weights 1/2, 1/4, 1/4)
+  # n > 0: a jax.profiler trace of n steps, a few steps into the session, in WORKDIR/plugins/profile
+  config.profile_steps = 0
+  # JAX's persistent compilation cache (in $JAX_COMPILATION_CACHE_DIR, else the user's cache
+  # directory), so a resumed run, evaluate, report and benchmark do not compile the same step again
+  config.compilation_cache = True
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'
@@ -137,7 +142,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
               'eval_every_epochs', 'lookahead_every_steps'):
     _require_positive(config, key)
-  for key in ('max_steps', 'budget_minutes', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding', 'eval_translate'):
+  for key in ('max_steps', 'budget_minutes', 'checkpoint_every_steps', 'early_stopping_patience', 'data.crop_padding',
+              'eval_translate', 'profile_steps'):
     _require_positive(config, key, allow_zero=True)
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % device_count:

@@ -30,6 +30,7 @@ def restore_run(workdir: pathlib.Path, checkpoint: str = 'best'):
   """(config, info, mesh, state, eval_step) of a run's `checkpoint` ('best' or 'latest'); the
   state holds no optimizer state (None), which neither evaluation nor prediction uses."""
   config = configuration.load_run_config(workdir)
+  cli.use_compilation_cache(config.compilation_cache)
   info = data.dataset_info(config.data)
   mesh = loop.make_mesh()
   init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=1)

@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from hybridvit_jax import cli, configuration, data, evaluate, models
+from hybridvit_jax import cli, configuration, data, evaluate, flops, models
 from hybridvit_jax.training import history, steps
 
 MISSING = '–'
@@ -146,8 +146,8 @@ def model_cost(model_config: ml_collections.ConfigDict, *, num_classes: int,
                image_shape: tuple[int, int, int]) -> tuple[int, float]:
   """(parameters, GFLOPs of a forward pass on one float32 image [1, H, W, C]).
 
-  Both from abstract shapes (nnx.eval_shape): nothing is allocated. FLOPs are XLA's cost
-  analysis of the compiled forward pass, one multiply-add counting as 2.
+  Both from abstract shapes (nnx.eval_shape): nothing is allocated. FLOPs are
+  `flops.traced_flops` of the forward pass, as `benchmark` counts its step.
   """
   abstract_model = nnx.eval_shape(lambda: models.create_model(
       model_config, num_classes=num_classes, image_shape=image_shape, rngs=nnx.Rngs(0)))
@@ -157,8 +157,8 @@ def model_cost(model_config: ml_collections.ConfigDict, *, num_classes: int,
     return steps.apply_model(graphdef, params, model_state, images, train=False)[0]
 
   image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  compiled = jax.jit(forward).lower(nnx.to_pure_dict(params), nnx.to_pure_dict(model_state), image).compile()
-  return models.count_params(abstract_model), compiled.cost_analysis()['flops'] / 1e9
+  lowered = jax.jit(forward).lower(nnx.to_pure_dict(params), nnx.to_pure_dict(model_state), image)
+  return models.count_params(abstract_model), flops.traced_flops(lowered) / 1e9
 
 
 def run_row(run: Run) -> dict[str, Any]:
@@ -403,6 +403,7 @@ def main(argv):
   if len(argv) < 2:
     cli.fail('give at least one RUN_DIR: python -m hybridvit_jax.report RUN_DIR [RUN_DIR ...] --out=DIR')
   cli.quiet_library_logs()
+  cli.use_compilation_cache(True)
   print_report(cli.run_and_exit(write_report, argv[1:], flags.FLAGS.out))
 
 

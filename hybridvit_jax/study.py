@@ -82,15 +82,9 @@ def schema_defaults() -> dict[str, Any]:
 
 
 def model_config(model: str, preset: str) -> ml_collections.ConfigDict:
-  """configs/<model>.py's get_config(preset); an unknown preset is the config file's ConfigError."""
-  try:
-    module = importlib.import_module(f'configs.{model}')
-  except ModuleNotFoundError as error:
-    if error.name != 'configs':
-      raise
-    raise configuration.ConfigError('the configs/ package is not importable: run the study from the '
-                                    'repository root') from None
-  return module.get_config(preset)
+  """configs/<model>.py's get_config(preset), installed as hybridvit_jax.configs.<model> (so any
+  directory will do); an unknown preset is the config file's ConfigError."""
+  return importlib.import_module(f'hybridvit_jax.configs.{model}').get_config(preset)
 
 
 def parse_models(text: str) -> list[str]:
@@ -278,6 +272,7 @@ def main(argv):
   cli.quiet_library_logs()
   cli.initialize_distributed(None, None, None)
   overrides = dict(config_flags.get_override_values(options['config']))
+  cli.use_compilation_cache(overrides.get('compilation_cache', True))
   experiments, sweep = cli.run_and_exit(plan, options, overrides)
   try:
     result = cli.run_and_exit(run_study, experiments, pathlib.Path(options.workdir), preset=options.preset,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import vit
+from hybridvit_jax.configs import vit
 from hybridvit_jax.evaluate import restore_run
 from hybridvit_jax.training import budget, loop
 from hybridvit_jax.training.history import read_history

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
-from configs import hybrid, resnet50, vit
+from hybridvit_jax.configs import hybrid, resnet50, vit
 from hybridvit_jax import configuration
 from hybridvit_jax import evaluate as evaluate_lib
 from hybridvit_jax.evaluate import evaluate
@@ -19,15 +21,26 @@ HISTORY_FIELDS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', '
                   'test_accuracy', 'elapsed_s', 'images_per_s'}
 
 
-def run_command(*args: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  env = {**(os.environ if env is None else env), 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def event_scalars(workdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """The run's TensorBoard scalars: {tag: {step: value}}."""
+  accumulator = event_accumulator.EventAccumulator(str(workdir), size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  values = {tag: {event.step: tensor_util.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)}
+            for tag in accumulator.Tags()['tensors']}
+  return {tag: {step: float(value) for step, value in by_step.items()} for tag, by_step in values.items()
+          if all(value.ndim == 0 for value in by_step.values())}  # not the hyperparameters' summary
 
 
 @pytest.mark.parametrize('experiment', [vit, resnet50, hybrid], ids=['vit', 'resnet50', 'hybrid'])
 def test_smoke_preset_trains_every_network(experiment, tmp_path):
   config = experiment.get_config('smoke')
   config.num_epochs = 2
+  config.profile_steps = 2
   record = loop.train_and_evaluate(config, tmp_path)
   history = read_history(tmp_path)
   assert [r['epoch'] for r in history] == [1, 2] and history[-1] == record
@@ -35,7 +48,12 @@ def test_smoke_preset_trains_every_network(experiment, tmp_path):
   assert history[1]['train_loss'] < history[0]['train_loss']
   assert (tmp_path / 'config.json').exists()
   assert list((tmp_path / 'checkpoints' / 'latest').iterdir()) and list((tmp_path / 'checkpoints' / 'best').iterdir())
-  assert list(tmp_path.glob('events.out.tfevents.*'))
+  scalars = event_scalars(tmp_path)
+  assert {'train_loss', 'train_accuracy', 'train_grad_norm', 'learning_rate', 'val_accuracy'} <= set(scalars)
+  assert set(scalars['learning_rate']) == set(scalars['train_grad_norm']) == {5, 10}  # every log_every_steps
+  assert all(0 < value < float('inf') for value in scalars['train_grad_norm'].values())
+  assert 0 < scalars['learning_rate'][10] < scalars['learning_rate'][5] <= config.optimizer.learning_rate  # cosine
+  assert len(list(tmp_path.glob('plugins/profile/*/*.xplane.pb'))) == 1  # profile_steps: one trace
 
 
 def test_launch_resume_and_evaluate_from_the_command_line(tmp_path):
@@ -50,8 +68,12 @@ def test_launch_resume_and_evaluate_from_the_command_line(tmp_path):
   assert 'resumed from step 7' in second.stderr
   history = read_history(workdir)
   assert [(r['epoch'], r['step']) for r in history] == [(1, 7), (2, 14)]
-  result = run_command('-m', 'hybridvit_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest')
+  # JAX's persistent compilation cache is on by default, in the user's cache directory
+  without_cache_dir = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  result = run_command('-m', 'hybridvit_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest',
+                       env={**without_cache_dir, 'XDG_CACHE_HOME': str(tmp_path / 'cache')})
   assert result.returncode == 0, result.stderr[-3000:]
+  assert list((tmp_path / 'cache' / 'hybridvit_jax' / 'jax').iterdir())
   evaluation = json.loads(result.stdout.strip().splitlines()[-1])
   assert evaluation['examples'] == 256 and evaluation['step'] == 14
   assert evaluation['accuracy'] == pytest.approx(history[-1]['test_accuracy'], abs=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import vit
+from hybridvit_jax.configs import vit
 from hybridvit_jax import configuration, data, predict
 from hybridvit_jax.training import loop
 

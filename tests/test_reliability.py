@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import vit
+from hybridvit_jax.configs import vit
 from hybridvit_jax.evaluate import evaluate, restore_run
 from hybridvit_jax.training import loop, pacing
 from hybridvit_jax.training.history import read_history
@@ -221,27 +221,99 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path, uninterrupted):
-  workdir = tmp_path / 'run'
+def start_processes(workdir: pathlib.Path, logs: pathlib.Path, *flags: str) -> list[subprocess.Popen]:
+  """The RUN_FLAGS run as two processes of one device each on 127.0.0.1; their output goes to
+  files in `logs` (a pipe nobody reads blocks a chatty child)."""
+  logs.mkdir(parents=True, exist_ok=True)
   address = f'127.0.0.1:{free_port()}'
-  # With a time budget the whole run fits in: both processes follow process 0's plan and clock.
-  processes = [start('launch.py', *RUN_FLAGS, '--config.budget_minutes=60', f'--workdir={workdir}',
-                     f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}', devices=1)
-               for i in range(2)]
+  processes = []
+  for i in range(2):
+    with open(logs / f'{i}.out', 'w') as stdout, open(logs / f'{i}.err', 'w') as stderr:
+      processes.append(subprocess.Popen(
+          [sys.executable, 'launch.py', *RUN_FLAGS, *flags, f'--workdir={workdir}', f'--coordinator_address={address}',
+           '--num_processes=2', f'--process_id={i}'],
+          cwd=REPO, env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
+          stdout=stdout, stderr=stderr, text=True))
+  return processes
+
+
+def wait_all(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: float = 300) -> list[str]:
+  """Waits for every process (killing all of them past `timeout`), asserts each exited 0 and
+  returns their stdouts."""
   try:
-    outputs = [p.communicate(timeout=300) for p in processes]
+    for process in processes:
+      process.wait(timeout=timeout)
   finally:
     for process in processes:
       process.kill()
-  for process_id, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
-    assert process.returncode == 0, f'process {process_id}:\n{stderr[-3000:]}'
-  history = read_history(workdir)
+  for i, process in enumerate(processes):
+    assert process.returncode == 0, f'process {i}:\n{(logs / f"{i}.err").read_text()[-3000:]}'
+  return [(logs / f'{i}.out').read_text() for i in range(len(processes))]
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory) -> pathlib.Path:
+  """An uninterrupted run of two processes; with a time budget the whole run fits in: both
+  processes follow process 0's plan and clock."""
+  workdir = tmp_path_factory.mktemp('two_processes')
+  wait_all(start_processes(workdir / 'run', workdir / 'logs', '--config.budget_minutes=60'), workdir / 'logs')
+  return workdir / 'run'
+
+
+def test_two_processes_match_one_process_with_two_devices(two_processes, uninterrupted):
+  history = read_history(two_processes)
   assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]  # written once, by process 0
   assert {r['planned_steps'] for r in history} == {42}
   reference = evaluate(str(uninterrupted), 'latest', 'val')
-  result = evaluate(str(workdir), 'latest', 'val')
+  result = evaluate(str(two_processes), 'latest', 'val')
   assert result['examples'] == reference['examples'] == 64
   assert result['accuracy'] == pytest.approx(reference['accuracy'], abs=1 / 64 + 1e-9)
   assert result['loss'] == pytest.approx(reference['loss'], rel=1e-3)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-               final_params(workdir), final_params(uninterrupted))
+               final_params(two_processes), final_params(uninterrupted))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, two_processes):
+  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
+  processes = start_processes(workdir, logs, '--config.budget_minutes=60')
+  try:
+    wait_for_checkpoint(processes[1], workdir, min_step=4)
+    processes[1].send_signal(signal.SIGTERM)  # the other process gets no signal
+  except BaseException:
+    for process in processes:
+      process.kill()
+    raise
+  stdouts = wait_all(processes, logs)
+  stopped_at = {int(out.split('stopped at step ')[1].split()[0]) for out in stdouts}
+  assert len(stopped_at) == 1, stdouts  # both at the same step
+  assert 'run the same command to resume' in stdouts[0] and 'run the same command to resume' in stdouts[1]
+  assert stopped_at.pop() in saved_steps(workdir) and not list((workdir / 'checkpoints' / 'latest').glob('*tmp*'))
+  wait_all(start_processes(workdir, tmp_path / 'logs_resumed', '--config.budget_minutes=60'), tmp_path / 'logs_resumed')
+  assert [r['step'] for r in read_history(workdir)] == [7, 14, 21, 28, 35, 42]
+  assert evaluate(str(workdir), 'latest', 'val') == {**evaluate(str(two_processes), 'latest', 'val'),
+                                                     'workdir': str(workdir)}
+
+
+def test_a_signal_during_the_last_save_is_noted_and_the_save_finishes(tmp_path, monkeypatch, capsys):
+  """A SIGTERM that comes while the run's last checkpoint is being written (injected there, not
+  timed) neither kills the process nor cuts the save short."""
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 1, 'eval_test_every_epoch': False})
+  real_wait, signalled = RunCheckpoints.wait, []
+
+  def wait_after_a_signal(checkpoints):
+    if not signalled:
+      signalled.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    real_wait(checkpoints)
+  monkeypatch.setattr(RunCheckpoints, 'wait', wait_after_a_signal)
+  outer = []  # what the process would do with a SIGTERM outside the run: here, count it
+  previous = signal.signal(signal.SIGTERM, lambda *_: outer.append('SIGTERM'))
+  try:
+    record = loop.train_and_evaluate(config, tmp_path)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert signalled and outer == []  # the run's handler took it
+  assert record['step'] == 7 and saved_steps(tmp_path) == [7]
+  assert not list((tmp_path / 'checkpoints' / 'latest').glob('*tmp*'))
+  assert 'stopped at step 7 (SIGTERM); run the same command to resume' in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from configs import hybrid, resnet50, vit
+from hybridvit_jax.configs import hybrid, resnet50, vit
 from hybridvit_jax import configuration, evaluate, models, report
 from hybridvit_jax.data import DataError
 

@@ -1,22 +1,41 @@
 """The study: networks trained in turn then reported, a rerun that trains nothing, overrides for
 every run, one-line errors, and the stem-depth sweep."""
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from configs import hybrid
+from hybridvit_jax.configs import hybrid
 from hybridvit_jax import configuration, study
 from hybridvit_jax.training.history import read_history
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_study_command(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'hybridvit_jax.study', *args], cwd=REPO, capture_output=True,
+def run_study_command(*args: str, cwd: pathlib.Path = REPO, env: dict[str, str] | None = None,
+                      ) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'hybridvit_jax.study', *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory) -> dict[str, str]:
+  """The environment of a `pip install .` of the package (not an editable link to the
+  repository): built from a copy of its sources, installed into a folder put first on PYTHONPATH."""
+  root = tmp_path_factory.mktemp('installed')
+  source = root / 'source'
+  for name in ('hybridvit_jax', 'configs'):
+    shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(REPO / name, source / name)
+  result = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                           '--target', str(root / 'site'), str(source)], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {**os.environ, 'PYTHONPATH': str(root / 'site')}
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -30,11 +49,16 @@ def run_files(workdir: pathlib.Path) -> dict[str, str]:
           for path in sorted(workdir.glob('*/history.jsonl')) + sorted(workdir.glob('*/checkpoints/*/*'))}
 
 
-def test_study_trains_with_the_overrides_then_reports_and_a_rerun_trains_nothing(tmp_path):
-  """One network for time (the ViT smoke run of test_predict, so its compilations are cached);
-  test_the_study_is_the_three_networks... checks the plan for all three."""
+def test_the_installed_package_runs_the_study_from_any_directory(installed, tmp_path):
+  """An installed package, run outside the repository: the presets travel with it (as
+  hybridvit_jax.configs), and a rerun trains nothing. One network for time (the ViT smoke run of
+  test_predict, so its compilations are cached); test_the_study_is_the_three_networks... checks
+  the plan for all three."""
+  where = subprocess.run([sys.executable, '-c', 'import hybridvit_jax.configs.vit as m; print(m.__file__)'],
+                         cwd=tmp_path, env=installed, capture_output=True, text=True, timeout=120)
+  assert where.stdout.strip() == str(pathlib.Path(installed['PYTHONPATH']) / 'hybridvit_jax' / 'configs' / 'vit.py')
   args = ['--preset=smoke', f'--workdir={tmp_path}', '--models=vit', '--config.num_epochs=1']
-  first = run_study_command(*args)
+  first = run_study_command(*args, cwd=tmp_path, env=installed)
   assert first.returncode == 0, first.stderr[-3000:]
   assert f'[1/1] vit (preset smoke) -> {tmp_path / "vit"}' in first.stdout
   assert json.loads((tmp_path / 'vit' / 'config.json').read_text())['num_epochs'] == 1
@@ -46,7 +70,7 @@ def test_study_trains_with_the_overrides_then_reports_and_a_rerun_trains_nothing
 
   trained = run_files(tmp_path)
   assert len(trained) == 1 + 2  # the history, the latest and the best step directory
-  second = run_study_command(*args)
+  second = run_study_command(*args, cwd=tmp_path, env=installed)
   assert second.returncode == 0, second.stderr[-3000:]
   assert run_files(tmp_path) == trained
   assert 'resumed from step 7 of 7' in second.stderr and 'epoch 1: {' not in second.stderr

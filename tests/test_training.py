@@ -10,12 +10,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import vit
+from hybridvit_jax.configs import vit
 from hybridvit_jax import configuration, data
 from hybridvit_jax import evaluate as evaluate_lib
 from hybridvit_jax.models import layers
 from hybridvit_jax.training import inputs, loop, steps, optimizer as optimizer_lib
-from hybridvit_jax.training.metrics import ClassificationMetrics
+from hybridvit_jax.training.metrics import ClassificationMetrics, TrainMetrics
 from hybridvit_jax.training.state import TrainState
 
 
@@ -117,7 +117,7 @@ def _conv_net_groups(**more):
 
 def test_muon_takes_the_kernels_batch_norm_follows_and_optionally_the_other_matrices_but_the_head():
   from hybridvit_jax import models  # pylint: disable=import-outside-toplevel
-  from configs import hybrid  # pylint: disable=import-outside-toplevel
+  from hybridvit_jax.configs import hybrid  # pylint: disable=import-outside-toplevel
   config = hybrid.get_config('cpu')
   model = nnx.eval_shape(lambda: models.create_model(config.model, 10, (32, 32, 3), nnx.Rngs(0)))
   param_groups = models.param_groups(model)
@@ -241,7 +241,7 @@ def _train_one_step(config, mesh):
   init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7)
   replicated = NamedSharding(mesh, P())
   order = inputs.epoch_order(config.seed, 0, len(arrays['label']), config.batch_size)
-  state, metrics = train_step(init_state(), ClassificationMetrics.empty(),
+  state, metrics = train_step(init_state(), TrainMetrics.empty(),
                               inputs.to_global(arrays['image'], replicated),
                               inputs.to_global(arrays['label'], replicated),
                               inputs.to_global(order, NamedSharding(mesh, P(None, 'data'))), total_steps=21)
@@ -265,7 +265,7 @@ def test_a_new_plan_changes_the_steps_learning_rate_without_a_recompile():
     state = init_state()
     before = jax.device_get(state.params)
     for _ in range(3):
-      state, _ = train_step(state, ClassificationMetrics.empty(), *step_inputs, total_steps=total_steps)
+      state, _ = train_step(state, TrainMetrics.empty(), *step_inputs, total_steps=total_steps)
     moved.setdefault(total_steps, []).append(
         float(optax.tree.norm(jax.tree.map(jnp.subtract, jax.device_get(state.params), before))))
   assert train_step._cache_size() == 1  # pylint: disable=protected-access
@@ -302,7 +302,7 @@ def test_alternate_flip_trains_on_the_batch_mirrored_as_alternating_flips_says()
     init_state, train_step, _ = loop.build_training(config, info, mesh, steps_per_epoch=7)
     state = init_state()
     state = state.replace(step=jnp.asarray(7, state.step.dtype))  # epoch 1's first step: the other half is mirrored
-    state, _ = train_step(state, ClassificationMetrics.empty(), inputs.to_global(images, replicated),
+    state, _ = train_step(state, TrainMetrics.empty(), inputs.to_global(images, replicated),
                           inputs.to_global(arrays['label'], replicated), inputs.to_global(order, by_step),
                           total_steps=21)
     results.append(jax.device_get(state.params))

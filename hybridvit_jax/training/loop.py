@@ -24,11 +24,13 @@ from hybridvit_jax.data import stream
 from hybridvit_jax.training import optimizer as optimizer_lib
 from hybridvit_jax.training import budget, history, inputs, pacing, signals, steps
 from hybridvit_jax.training.checkpoint import RunCheckpoints
-from hybridvit_jax.training.metrics import ClassificationMetrics
+from hybridvit_jax.training.metrics import ClassificationMetrics, TrainMetrics
 from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
 
 # Training images that a fresh run fits the model's data-fitted parts to (patch whitening).
 FIT_EXAMPLES = 5000
+# Steps of a session before its profile (config.profile_steps) starts: the compile is done.
+PROFILE_WARMUP_STEPS = 5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,7 +119,7 @@ def evaluation_batches(config: ml_collections.ConfigDict, splits) -> int:
       for split in splits)
 
 
-def evaluate_and_record(state: TrainState, metrics: ClassificationMetrics, *, config: ml_collections.ConfigDict,
+def evaluate_and_record(state: TrainState, metrics: TrainMetrics, *, config: ml_collections.ConfigDict,
                         evaluate_state: Callable[[TrainState], tuple[dict[str, dict[str, float]], float]],
                         time_budget: budget.TimeBudget | budget.NoTimeBudget, epoch: int, step: int,
                         epoch_first_step: int, epoch_start: float, steps_per_epoch: int, total_steps: int,
@@ -179,6 +181,33 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
   return init_state, train_step, eval_step
 
 
+class StepProfile:
+  """A jax.profiler trace of `num_steps` steps (config.profile_steps; 0 = none),
+  PROFILE_WARMUP_STEPS steps into this session, written by clu's Profile action into
+  WORKDIR/plugins/profile/ (TensorBoard's profile tab and XProf read it). The host waits for
+  each traced step, so the trace holds its device work."""
+
+  def __init__(self, num_steps: int, workdir: pathlib.Path, start_step: int):
+    self.first_step = start_step + PROFILE_WARMUP_STEPS
+    self.last_step = self.first_step + num_steps
+    self._action = (periodic_actions.Profile(logdir=workdir, num_profile_steps=num_steps, profile_duration_ms=None,
+                                             first_profile=self.first_step, every_secs=None)
+                    if num_steps else None)
+
+  def after_step(self, state: TrainState, step: int) -> None:
+    """Called after dispatching the step that brings the run to `step`: starts or ends the trace."""
+    if self._action is None:
+      return
+    if self.first_step <= step <= self.last_step:
+      jax.block_until_ready(state.step)
+    self._action(step)
+
+  def close(self, step: int) -> None:
+    """Ends a trace that the run's end (at `step`) cut short."""
+    if self._action is not None and self.first_step <= step < self.last_step:
+      jax.profiler.stop_trace()
+
+
 def progress_hooks(writer: metric_writers.MetricWriter, total_steps: int) -> list:
   """The periodic progress report (steps/s, ETA) of a run of `total_steps`."""
   return [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
@@ -229,14 +258,30 @@ def last_good_checkpoint(checkpoints: RunCheckpoints) -> str:
   return f'the last good checkpoint is step {last_good}' if last_good is not None else 'no checkpoint yet'
 
 
-def log_train_metrics(state: TrainState, metrics: ClassificationMetrics, step: int, *,
+def learning_rates(opt_config: ml_collections.ConfigDict, step: int, *, steps_per_epoch: int,
+                   total_steps: int) -> dict[str, float]:
+  """The peak-scaled rates the update of `step` (0-based) used, as TensorBoard scalars:
+  learning_rate, and muon_learning_rate for Muon's kernels."""
+  rate = float(optimizer_lib.learning_rate_schedule(opt_config, steps_per_epoch=steps_per_epoch,
+                                                    total_steps=total_steps)(step))
+  rates = {'learning_rate': rate}
+  if opt_config.name == 'muon':
+    rates['muon_learning_rate'] = rate * opt_config.muon_learning_rate / opt_config.learning_rate
+  return rates
+
+
+def log_train_metrics(state: TrainState, metrics: TrainMetrics, step: int, *,
                       config: ml_collections.ConfigDict, num_classes: int, checkpoints: RunCheckpoints,
-                      writer: metric_writers.MetricWriter, hooks: list) -> None:
+                      writer: metric_writers.MetricWriter, hooks: list, steps_per_epoch: int,
+                      total_steps: int) -> None:
   """At a log step: stops a run whose loss is non-finite or diverged (check_finite,
-  check_not_diverged), writes the epoch's train metrics so far and reports progress."""
+  check_not_diverged), writes the epoch's train metrics so far (train_loss, train_accuracy,
+  train_grad_norm) and the learning rates, and reports progress."""
   check_finite(state, config, checkpoints)  # waits for the step: the host is not ahead here
   train_metrics = metrics.compute()
-  writer.write_scalars(step, {f'train_{k}': v for k, v in train_metrics.items()})
+  writer.write_scalars(step, {**{f'train_{k}': v for k, v in train_metrics.items()},
+                              **learning_rates(config.optimizer, step - 1, steps_per_epoch=steps_per_epoch,
+                                               total_steps=total_steps)})
   check_not_diverged(float(train_metrics['loss']), step, num_classes=num_classes, config=config,
                      checkpoints=checkpoints)
   for hook in hooks:  # so steps/s and the ETA count finished steps, not dispatched ones
@@ -305,6 +350,21 @@ def checkpoint_meta(meta: dict[str, Any], time_budget: budget.TimeBudget | budge
   return {**meta, **time_budget.state_dict(), 'elapsed_s': elapsed_s}
 
 
+def end_at_deadline(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """The state a run cut by its time budget's deadline ends on: with Lookahead its slow weights,
+  as at the planned last step."""
+  return jax.jit(steps.end_lookahead, donate_argnums=0)(state) if config.lookahead_decay else state
+
+
+def publish_record(record: dict[str, Any], workdir: pathlib.Path, writer: metric_writers.MetricWriter) -> None:
+  """An evaluation's history record: appended to history.jsonl (by process 0), written as
+  TensorBoard scalars and logged."""
+  if jax.process_index() == 0:
+    history.append_history(workdir, record)
+  writer.write_scalars(record['step'], {k: v for k, v in record.items() if k != 'step'})
+  logging.info('epoch %s: %s', record['epoch'], json.dumps(record))
+
+
 def stopped_early(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> bool:
   """Whether early stopping ends the run of checkpoint meta `meta`."""
   return bool(config.early_stopping_patience) and meta['epochs_without_improvement'] >= config.early_stopping_patience
@@ -354,8 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_sources = eval_batch_sources(config)
   steps_per_epoch = train_input.steps_per_epoch
   max_total_steps = config.num_epochs * steps_per_epoch
-  if config.max_steps:
-    max_total_steps = min(max_total_steps, config.max_steps)
+  max_total_steps = min(max_total_steps, config.max_steps or max_total_steps)
   workdir.mkdir(parents=True, exist_ok=True)
   if is_chief:
     configuration.save_run_config(config, workdir)
@@ -380,7 +439,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # -- time budget (budget.py): the steps that fit are planned from the first steps' speed, and
   # again at every evaluation and periodic checkpoint; at the deadline (the budget less the last
   # evaluation) the run ends wherever it is.
-  stop = signals.StopRequest()
+  stop, stopping = signals.StopRequest(mesh), False  # `stopping`: agreed by every process
+  profile = StepProfile(config.profile_steps, workdir, start_step)
   record: dict[str, Any] = {}
   session_start = time.time() - meta['elapsed_s']
   time_budget = make_time_budget(config, meta, eval_step, eval_sources, mesh=mesh, start_step=start_step,
@@ -391,29 +451,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start_step
   pacer = pacing.DispatchPacer(step)
   try:
-    while step < total_steps and not stop:
+    while step < total_steps and not stopping:
       epoch = step // steps_per_epoch
-      metrics = ClassificationMetrics.empty()
+      metrics = TrainMetrics.empty()
       epoch_start, epoch_first_step = time.time(), step
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
       for step_inputs in train_input.epoch(epoch, first_step=step - epoch * steps_per_epoch):
-        if step >= epoch_end or stop:
+        if step >= epoch_end or stopping:
           break
         state, metrics = train_step(state, metrics, *step_inputs, total_steps=total_steps)
         step += 1
         pacer.after_step(state, step)
+        profile.after_step(state, step)
+        stopping = stop.agreed()
         # The time budget plans the run after its probe's steps, and ends it at the deadline.
         total_steps, hooks = follow_plan(time_budget.after_step(state, step), total_steps, hooks, writer)
         if time_budget.deadline_reached(step, total_steps):
-          total_steps = step
-          if config.lookahead_decay:  # end on the slow weights, as at the planned last step
-            state = jax.jit(steps.end_lookahead, donate_argnums=0)(state)
+          total_steps, state = step, end_at_deadline(state, config)
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
 
         # -- log.
         if step % config.log_every_steps == 0:
           log_train_metrics(state, metrics, step, config=config, num_classes=info.num_classes,
-                            checkpoints=checkpoints, writer=writer, hooks=hooks)
+                            checkpoints=checkpoints, writer=writer, hooks=hooks, steps_per_epoch=steps_per_epoch,
+                            total_steps=total_steps)
 
         # -- periodic checkpoint; the time budget plans again, as at an evaluation.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
@@ -421,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           total_steps, hooks = follow_plan(time_budget.at_checkpoint(step), total_steps, hooks, writer)
           epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
           checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
-      if stop and step < epoch_end:  # a stop at an epoch's end first records the epoch's evaluation
+      if stopping and step < epoch_end:  # a stop at an epoch's end first records the epoch's evaluation
         break
 
       # -- end of epoch (or of max_steps): checkpoint; every eval_every_epochs-th epoch and at the
@@ -430,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if (epoch + 1) % config.eval_every_epochs and step < total_steps:
         checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
         logging.info('epoch %d done at step %d (next evaluation after epoch %d)', epoch + 1, step,
-                     (epoch + 1) // config.eval_every_epochs * config.eval_every_epochs + config.eval_every_epochs)
+                     (epoch + 1 + config.eval_every_epochs) // config.eval_every_epochs * config.eval_every_epochs)
         continue
       record, new_total_steps = evaluate_and_record(
           state, metrics, config=config, evaluate_state=evaluate_state, time_budget=time_budget, epoch=epoch,
@@ -439,22 +500,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       total_steps, hooks = follow_plan(new_total_steps, total_steps, hooks, writer)
       improved, meta = rank_evaluation({**meta, **time_budget.state_dict()}, record, config.best_checkpoint_metric)
       checkpoints.save(step, state, checkpoint_meta(meta, time_budget, record['elapsed_s']), best=improved)
-      if is_chief:
-        history.append_history(workdir, record)
-      writer.write_scalars(step, {k: v for k, v in record.items() if k not in ('step',)})
-      logging.info('epoch %s: %s', record['epoch'], json.dumps(record))
+      publish_record(record, workdir, writer)
       if stopped_early(config, meta):
         logging.info('early stopping: %s has not improved for %d evaluations', config.best_checkpoint_metric,
                      meta['epochs_without_improvement'])
         break
   finally:
-    stop.restore_handlers()
-    if stop:
-      check_finite(state, config, checkpoints)
-      checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
-    checkpoints.wait()
-    checkpoints.close()
-    writer.flush()
-  if stop:
-    print(f'stopped at step {step} ({stop.signal_name}); run the same command to resume', flush=True)
+    try:
+      if stopping:  # every process saves this step together
+        check_finite(state, config, checkpoints)
+        checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
+      checkpoints.wait()
+      checkpoints.close()
+      writer.flush()
+      profile.close(step)
+    finally:
+      stop.restore_handlers()  # only now: a signal during the saves above must not kill them
+  if stop or stopping:
+    print(f'stopped at step {step} ({stop.signal_name or "a signal to another process"}); '
+          'run the same command to resume', flush=True)
   return record

@@ -12,3 +12,16 @@ class ClassificationMetrics(metrics.Collection):
   """
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Accuracy
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  """ClassificationMetrics' loss and accuracy, and the mean global norm of the gradients (before
+  clipping) over the steps whose update was applied.
+
+  Build with `TrainMetrics.single_from_model_output(loss=[B], logits=[B, K], labels=[B] int,
+  grad_norm=[B] (the step's norm, broadcast), mask=[B] bool)`.
+  """
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Accuracy
+  grad_norm: metrics.Average.from_output('grad_norm')

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from hybridvit_jax import data
-from hybridvit_jax.training.metrics import ClassificationMetrics
+from hybridvit_jax.training.metrics import ClassificationMetrics, TrainMetrics
 from hybridvit_jax.training.state import TrainState
 
 
@@ -128,10 +128,10 @@ def batch_of_step(train_images: jax.Array, train_labels: jax.Array, epoch_order:
   return train_images[indices], train_labels[indices]
 
 
-def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Array, labels: jax.Array,
+def train_step(state: TrainState, metrics: TrainMetrics, images: jax.Array, labels: jax.Array,
                flips: jax.Array | None = None, *, total_steps: jax.Array, graphdef: nnx.GraphDef,
                make_optimizer: Callable[..., optax.GradientTransformation], seed_key: jax.Array,
-               num_classes: int, config: ml_collections.ConfigDict) -> tuple[TrainState, ClassificationMetrics]:
+               num_classes: int, config: ml_collections.ConfigDict) -> tuple[TrainState, TrainMetrics]:
   """One optimizer step on a batch: images uint8 [B, H, W, C], labels int32 [B]; flips bool [B]
   (optional) are the examples to mirror, in place of the random flip. `total_steps` (int32
   scalar) is the run's planned length, which the learning rates and lookahead follow; it is an
@@ -153,7 +153,8 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Ar
   (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   # A non-finite loss or gradient: optax.apply_if_finite skips the update; the BatchNorm
   # statistics are kept too, and the step is recorded for the loop to act on.
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = make_optimizer(total_steps=total_steps).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
@@ -166,15 +167,15 @@ def train_step(state: TrainState, metrics: ClassificationMetrics, images: jax.Ar
   if config.lookahead_decay:
     new_state = lookahead(new_state, total_steps=total_steps, peak_decay=config.lookahead_decay,
                           every_steps=config.lookahead_every_steps)
-  step_metrics = ClassificationMetrics.single_from_model_output(
+  step_metrics = TrainMetrics.single_from_model_output(
       loss=jnp.broadcast_to(loss, labels.shape), logits=logits, labels=labels,
-      mask=jnp.broadcast_to(finite, labels.shape))
+      grad_norm=jnp.broadcast_to(grad_norm, labels.shape), mask=jnp.broadcast_to(finite, labels.shape))
   return new_state, metrics.merge(step_metrics)
 
 
-def train_step_on_device_data(state: TrainState, metrics: ClassificationMetrics, train_images: jax.Array,
+def train_step_on_device_data(state: TrainState, metrics: TrainMetrics, train_images: jax.Array,
                               train_labels: jax.Array, epoch_order: jax.Array, **step_kwargs,
-                              ) -> tuple[TrainState, ClassificationMetrics]:
+                              ) -> tuple[TrainState, TrainMetrics]:
   """`train_step` on the batch the epoch order assigns to `state.step` (the `device` input mode),
   mirrored as `data.alternating_flips` says when config.data.alternate_flip is on.
 
