@@ -1,8 +1,10 @@
 """What every command-line entry point shares: flag parsing, multi-process start-up, and
 turning bad input into one line on stderr with exit code 2."""
+import difflib
 import importlib.util
 import logging as python_logging
 import os
+import re
 import sys
 
 import jax
@@ -46,8 +48,22 @@ def fail(message: str) -> None:
   sys.exit(USAGE_EXIT_CODE)
 
 
+def fail_on_unknown_config_keys(argv: list[str]) -> None:
+  """Exits with one line naming the first --config.KEY on the command line (or in a --flagfile)
+  that is no key of the schema, and the keys closest to it. ml_collections would report it as a
+  bare KeyError, or while defining the flag."""
+  keys = configuration.flatten(configuration.base_config().to_dict())
+  for arg in flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False):
+    match = re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg)
+    if match and match.group(1) not in keys:
+      close = difflib.get_close_matches(match.group(1), list(keys), n=3)
+      hint = f'; did you mean {" or ".join(close)}?' if close else ' (see hybridvit_jax/configuration.py)'
+      fail(f'--config.{match.group(1)}: no such config key{hint}')
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config override reported as one line (exit 2)."""
+  fail_on_unknown_config_keys(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-except  # a bad flag, or an error from a config file

@@ -19,10 +19,8 @@ before anything is trained, with one line and exit code 2. Running the same comm
 resumes unfinished runs and trains nothing for finished ones.
 """
 import dataclasses
-import difflib
 import importlib
 import pathlib
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -102,14 +100,6 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any])
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(overrides)
   return config
-
-
-def unknown_override_keys(argv: Sequence[str]) -> dict[str, list[str]]:
-  """{key: close matches} of each --config.KEY on the command line that is not a key of the schema."""
-  keys = schema_defaults()
-  given = [match.group(1) for arg in flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
-           if (match := re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg))]
-  return {key: difflib.get_close_matches(key, list(keys), n=3) for key in given if key not in keys}
 
 
 # ------------------------------------------------------------------------------ sweeps
@@ -250,9 +240,7 @@ def define_flags(argv: Sequence[str]) -> None:
   --config is the schema with every key overridable; an unknown --config.KEY is reported here in
   one line (exit code 2), as ml_collections would raise it while defining the flag.
   """
-  for key, close in unknown_override_keys(argv).items():
-    hint = f'; did you mean {" or ".join(close)}?' if close else ' (see hybridvit_jax/configuration.py)'
-    cli.fail(f'--config.{key}: no such config key{hint}')
+  cli.fail_on_unknown_config_keys(argv)
   flags.DEFINE_string('workdir', None, 'Directory of the study: one run per network, and report/.', required=True)
   flags.DEFINE_string('preset', '', "Preset of every config file: '' (default), paper, smoke, ...")
   flags.DEFINE_string('models', None, 'Comma-separated networks among vit,resnet50,hybrid (default: all three; '

@@ -1,13 +1,24 @@
 """Tests run on CPU with 4 forced host devices, so every test exercises the sharded code."""
 import os
+import shutil
 import tempfile
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Always the CPU: a JAX_PLATFORMS=cuda left in the environment would break the 4-device tests.
+os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=4']).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# One XLA compilation cache per test session, shared with the subprocesses the tests start: the
-# same tiny networks are compiled by many tests.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='hybridvit_jax_xla_cache_'))
+# One XLA compilation cache per test session, shared with the subprocesses the tests start (the
+# same tiny networks are compiled by many tests), removed at the end unless the caller chose it.
+_OWN_CACHE_DIR = None if 'JAX_COMPILATION_CACHE_DIR' in os.environ else tempfile.mkdtemp(
+    prefix='hybridvit_jax_xla_cache_')
+if _OWN_CACHE_DIR:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE_DIR
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE_DIR:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)

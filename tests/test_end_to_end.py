@@ -96,15 +96,6 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
   assert (straight['loss'], straight['accuracy']) == (resumed['loss'], resumed['accuracy'])
 
 
-def test_bad_override_fails_in_one_line_and_writes_nothing(tmp_path):
-  workdir = tmp_path / 'run'
-  for override in ('--config.batch_size=-4', '--config.no_such_key=1', '--config.model.vit.patch_size=5'):
-    result = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}', override)
-    assert result.returncode == 2, (override, result.stderr[-2000:])
-    assert result.stderr.strip().splitlines()[-1].startswith('error: '), result.stderr[-2000:]
-    assert not workdir.exists()
-
-
 def test_workdir_of_another_model_is_refused(tmp_path):
   config = vit.get_config('smoke')
   config.num_epochs = 1
@@ -128,8 +119,10 @@ def test_early_stopping_stops_and_a_rerun_trains_nothing(tmp_path):
   config.optimizer.learning_rate = 1e-12  # val_accuracy soon stops improving
   loop.train_and_evaluate(config, tmp_path)
   accuracies = [r['val_accuracy'] for r in read_history(tmp_path)]
-  assert len(accuracies) < 8  # stopped early, at the first epoch that did not improve
-  assert accuracies[-1] <= max(accuracies[:-1]) and all(b > a for a, b in zip(accuracies[:-2], accuracies[1:-1]))
+  assert 2 <= len(accuracies) < 8  # stopped early, at the first epoch that did not improve:
+  assert accuracies[-1] <= max(accuracies[:-1])  # the last did not,
+  for i in range(1, len(accuracies) - 1):  # and every one between the first and the last did
+    assert accuracies[i] > max(accuracies[:i])
   assert loop.train_and_evaluate(config, tmp_path) == {}
   assert len(read_history(tmp_path)) == len(accuracies)
 

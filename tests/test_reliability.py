@@ -2,6 +2,7 @@
 multi-process runs on JAX's own runtime. Each test does what a user (or a cluster) would do."""
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from hybridvit_jax.configs import vit
+from hybridvit_jax import cli
 from hybridvit_jax.evaluate import evaluate, restore_run
 from hybridvit_jax.training import loop, pacing
 from hybridvit_jax.training.history import read_history
@@ -34,6 +36,18 @@ def run(*args: str, devices: int = 2) -> subprocess.CompletedProcess:
   process = start(*args, devices=devices)
   stdout, stderr = process.communicate(timeout=600)
   return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_train_main(config, workdir: pathlib.Path, capsys) -> tuple[int, str]:
+  """launch.py's body (cli.train_main under cli.run_and_exit) on a parsed config, in this process:
+  (its exit code, its stderr). A subprocess costs ~10 s of importing the stack; one subprocess
+  test checks the command's own exit code."""
+  try:
+    cli.run_and_exit(cli.train_main, config, str(workdir))
+    code = 0
+  except SystemExit as exit_request:
+    code = exit_request.code
+  return code, capsys.readouterr().err
 
 
 def saved_steps(workdir: pathlib.Path) -> list[int]:
@@ -69,7 +83,10 @@ def assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
                                                      'workdir': str(workdir)}
 
 
-def test_sigterm_saves_and_says_how_to_resume(tmp_path, uninterrupted):
+def test_sigterm_then_sigkill_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted):
+  """A SIGTERM saves, says how to resume and exits 0; the resumed run, killed with SIGKILL, loses
+  at most the steps since its last checkpoint; the rerun ends bitwise where the run never
+  interrupted does."""
   workdir = tmp_path / 'run'
   process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
   wait_for_checkpoint(process, workdir, min_step=4)
@@ -79,11 +96,37 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, uninterrupted):
   stopped_at = int(stdout.strip().splitlines()[-1].split('stopped at step ')[1].split()[0])
   assert 'run the same command to resume' in stdout
   assert stopped_at in saved_steps(workdir)
+  process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
+  wait_for_checkpoint(process, workdir, min_step=stopped_at + 4)
+  process.kill()
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  assert f'resumed from step {stopped_at}' in stderr
   resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'resumed from step {stopped_at}' in resumed.stderr
+  assert 'resumed from step' in resumed.stderr
   assert [r['epoch'] for r in read_history(workdir)] == [1, 2, 3, 4, 5, 6]
   assert_same_run(workdir, uninterrupted)
+
+
+def test_a_stop_at_an_epochs_last_step_records_its_evaluation_first(tmp_path, monkeypatch, capsys):
+  """SIGTERM injected right after step 7, the first epoch's last (not timed): the epoch's
+  evaluation is recorded and checkpointed before the run stops, and the rerun goes on from there."""
+  real_after_step = pacing.DispatchPacer.after_step
+
+  def after_step(pacer, state, step):
+    real_after_step(pacer, state, step)
+    if step == 7:
+      os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(pacing.DispatchPacer, 'after_step', after_step)
+  config = vit.get_config('smoke')
+  config.update({'num_epochs': 2, 'eval_test_every_epoch': False})
+  record = loop.train_and_evaluate(config, tmp_path)
+  assert record['step'] == 7 and [r['step'] for r in read_history(tmp_path)] == [7] and saved_steps(tmp_path) == [7]
+  assert 'stopped at step 7 (SIGTERM); run the same command to resume' in capsys.readouterr().out
+  monkeypatch.setattr(pacing.DispatchPacer, 'after_step', real_after_step)
+  assert loop.train_and_evaluate(config, tmp_path)['step'] == 14
+  assert [r['step'] for r in read_history(tmp_path)] == [7, 14]
 
 
 def test_the_host_waits_for_the_device_once_it_is_two_seconds_of_steps_ahead():
@@ -106,21 +149,6 @@ def test_the_host_waits_for_the_device_once_it_is_two_seconds_of_steps_ahead():
   assert run_steps(1, 3, 18.0) == [1, 2, 3] and waited_for == ['step buffer'] * 3
   # fast steps: one measured step, then a wait every 2 s of steps (16 of 0.125 s), not after each
   assert run_steps(4, 60, 0.125) == [4, 20, 36, 52] and pacer.steps_per_wait == 16
-
-
-def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, uninterrupted):
-  workdir = tmp_path / 'run'
-  process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
-  wait_for_checkpoint(process, workdir, min_step=9)
-  process.kill()
-  process.communicate(timeout=60)
-  assert process.returncode == -signal.SIGKILL
-  resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resumed from step' in resumed.stderr
-  history = read_history(workdir)
-  assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]
-  assert_same_run(workdir, uninterrupted)
 
 
 def truncate_files(directory: pathlib.Path) -> int:
@@ -165,6 +193,8 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatc
   config.nan_policy = 'skip'
   record = loop.train_and_evaluate(config, tmp_path / 'skip')
   assert record['step'] == 7 and 0 < record['skipped_steps'] <= 7
+  state = restore_run(tmp_path / 'skip', 'latest')[3]  # the skipped updates left no inf or nan behind
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get((state.params, state.model_state))))
 
 
 def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
@@ -180,39 +210,70 @@ def test_a_finite_but_diverged_loss_stops_the_run_naming_the_step(tmp_path, monk
   assert loop.train_and_evaluate(config, tmp_path)['step'] == 14
 
 
-BAD_OVERRIDES = {
-    '--config.batch_size=0': 'batch_size',
-    '--config.batch_size=63': 'batch_size',  # not divisible by the 2 devices
-    '--config.model.vit.patch_size=5': 'model.vit.patch_size',
-    '--config.model.name=vgg': 'model.name',
-    '--config.data.name=no_such_dataset': 'data.name',
-    '--config.optimizer.learning_rate=-0.1': 'optimizer.learning_rate',
-    '--config.data.val_split=valid': 'data.val_split',
-    '--config.nan_policy=ignore': 'nan_policy',
-    '--config.lookahead_decay=1.5': 'lookahead_decay',
-    '--config.no_such_key=1': 'no_such_key',
+# Bad values (--config.KEY=VALUE), each with the key its one-line error must name.
+BAD_VALUES = {
+    'batch_size=0': 'error: batch_size=0',
+    'batch_size=-4': 'error: batch_size=-4',
+    'batch_size=63': 'batch_size=63 is invalid: must be divisible by the 4 devices',
+    'model.vit.patch_size=5': 'model.vit.patch_size=5 does not divide',
+    'model.name=vgg': "unknown model.name='vgg'",
+    'data.name=no_such_dataset': 'data.name',
+    'optimizer.learning_rate=-0.1': 'optimizer.learning_rate=-0.1',
+    'data.val_split=valid': 'data.val_split',
+    'nan_policy=ignore': 'nan_policy',
+    'lookahead_decay=1.5': 'lookahead_decay=1.5',
 }
 
 
-@pytest.mark.parametrize('override', list(BAD_OVERRIDES))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(override, tmp_path):
-  workdir = tmp_path / 'run'
-  result = run('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}', override)
-  assert result.returncode == 2, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert last_line.startswith('error: ') and BAD_OVERRIDES[override] in last_line, last_line
-  assert not workdir.exists()
-
-
-def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path):
+@pytest.mark.parametrize('override', list(BAD_VALUES))
+def test_a_bad_value_is_one_line_exit_2_and_writes_nothing(override, tmp_path, capsys):
+  key, value = override.split('=')
   config = vit.get_config('smoke')
-  config.num_epochs = 1
-  loop.train_and_evaluate(config, tmp_path)
-  before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
-  result = run('launch.py', '--config=configs/hybrid.py:smoke', f'--workdir={tmp_path}')
-  assert result.returncode == 2
-  assert 'error: ' in result.stderr and 'model.' in result.stderr.strip().splitlines()[-1]
-  assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+  config.update_from_flattened_dict({key: type(_lookup(config, key))(value)})
+  code, stderr = run_train_main(config, tmp_path / 'run', capsys)
+  assert code == 2, stderr[-3000:]
+  assert stderr.startswith('error: ') and stderr.count('\n') == 1 and BAD_VALUES[override] in stderr, stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def _lookup(config, dotted_key):
+  for part in dotted_key.split('.'):
+    config = config[part]
+  return config
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.num_epoch=1', 'error: --config.num_epoch: no such config key; did you mean num_epochs?'),
+    ('--config.batch_size=0', 'error: batch_size=0'),
+])
+def test_bad_input_exits_2_from_the_command_with_one_error_line(override, message, tmp_path):
+  """The command's own exit code: a key no config has (refused by the flag parser) and a bad value
+  (by the validation the in-process test above goes through)."""
+  result = run('launch.py', '--config=configs/vit.py:smoke', f'--workdir={tmp_path / "run"}', override)
+  assert result.returncode == 2, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(error_lines) == 1 and error_lines[0].startswith(message), result.stderr[-3000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_diverged_run_exits_1_naming_the_step(tmp_path, capsys):
+  config = vit.get_config('smoke')
+  config.update({'log_every_steps': 1})
+  config.optimizer.learning_rate = 1e12
+  code, stderr = run_train_main(config, tmp_path, capsys)
+  assert code == 1, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith('error: training diverged: train loss '), stderr[-2000:]
+
+
+def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path, uninterrupted, capsys):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  from hybridvit_jax.configs import hybrid  # pylint: disable=import-outside-toplevel
+  code, stderr = run_train_main(hybrid.get_config('smoke'), workdir, capsys)
+  assert code == 2
+  assert stderr.startswith('error: ') and 'model.' in stderr and stderr.count('\n') == 1, stderr
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
 
 
 def free_port() -> int:

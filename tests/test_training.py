@@ -16,6 +16,7 @@ from hybridvit_jax import evaluate as evaluate_lib
 from hybridvit_jax.models import layers
 from hybridvit_jax.training import inputs, loop, steps, optimizer as optimizer_lib
 from hybridvit_jax.training.metrics import ClassificationMetrics, TrainMetrics
+from hybridvit_jax.training.history import read_history
 from hybridvit_jax.training.state import TrainState
 
 
@@ -383,7 +384,13 @@ def test_stream_mode_trains_and_evaluates(tmp_path):
   config = smoke_config(num_epochs=1)
   config.data.input_mode = 'stream'
   record = loop.train_and_evaluate(config, tmp_path)
-  assert record['step'] == 7 and 0.0 <= record['val_accuracy'] <= 1.0
+  assert record['step'] == 7 and read_history(tmp_path) == [record]
+  # the record's evaluation is the checkpoint's, over every val example (the device mode's evaluate)
+  assert evaluate_lib.evaluate(str(tmp_path), 'latest', 'val') == {
+      'workdir': str(tmp_path), 'checkpoint': 'latest', 'step': 7, 'split': config.data.val_split,
+      'weights': 'trained', 'loss': pytest.approx(record['val_loss'], rel=1e-5),
+      'accuracy': pytest.approx(record['val_accuracy'], abs=1e-6), 'examples': 64}
+  assert record['train_loss'] < 100 and 0.0 <= record['train_accuracy'] <= 1.0
 
 
 def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
@@ -448,3 +455,26 @@ def test_lookahead_run_starts_its_slow_weights_fitted_and_ends_on_them_beside_an
   assert jax.tree.structure(state.ema_params) == jax.tree.structure(state.params)
   assert any(not np.array_equal(ema, trained) for ema, trained in
              zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)))
+
+
+def test_a_padded_last_batch_counts_only_the_real_examples():
+  """evaluate_split over 64 val examples in batches of 40 (the last padded from 24 to 40) gives the
+  loss and accuracy of the 64 examples computed by hand in one batch."""
+  config = smoke_config(eval_batch_size=40)  # a multiple of the 4 devices, not a divisor of 64
+  mesh = loop.make_mesh()
+  info = data.dataset_info(config.data)
+  init_state, _, eval_step = loop.build_training(config, info, mesh, steps_per_epoch=7)
+  state = init_state()
+  keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(state.params)))
+  state = state.replace(params=jax.tree.unflatten(jax.tree.structure(state.params), [  # off the zero head
+      leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(jax.tree.leaves(state.params), keys)]))
+  arrays = data.load_split(config.data, config.data.val_split)
+  assert len(arrays['label']) == 64
+  result = loop.evaluate_split(eval_step, state, inputs.array_batches(arrays, 40), batch_size=40, mesh=mesh)
+  graphdef = loop.model_graphdef(config.model, num_classes=info.num_classes, image_shape=info.image_shape)
+  logits, _ = steps.apply_model(graphdef, jax.device_get(state.params), jax.device_get(state.model_state),
+                                steps.prepare_images(jnp.asarray(arrays['image']), config.data), train=False)
+  losses = steps.softmax_cross_entropy(logits, jnp.asarray(arrays['label']))
+  assert result['examples'] == 64
+  assert result['loss'] == pytest.approx(float(jnp.mean(losses)), rel=1e-5)
+  assert result['accuracy'] == pytest.approx(float(np.mean(np.argmax(logits, -1) == arrays['label'])), abs=1e-6)
