@@ -22,7 +22,8 @@ HISTORY_FIELDS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', '
 
 
 def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-  env = {**(os.environ if env is None else env), 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  # the test process's 4 devices, so the subprocess finds the steps it compiled in the shared cache
+  env = {**(os.environ if env is None else env), 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
