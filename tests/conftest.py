@@ -3,6 +3,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Always the CPU: a JAX_PLATFORMS=cuda left in the environment would break the 4-device tests.
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['XLA_FLAGS'] = ' '.join(
@@ -22,3 +24,15 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_CACHE_DIR:
     shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def vit_smoke_run(tmp_path_factory):
+  """(workdir, config, last history record) of one finished one-epoch ViT smoke run, shared by
+  the tests that only read a finished run (a test that changes it works on a copy)."""
+  from hybridvit_jax.configs import vit  # pylint: disable=import-outside-toplevel  # after the environment above
+  from hybridvit_jax.training import loop  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp('vit_smoke_run')
+  config = vit.get_config('smoke')
+  config.num_epochs = 1
+  return workdir, config, loop.train_and_evaluate(config, workdir)

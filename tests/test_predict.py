@@ -9,19 +9,14 @@ from PIL import Image
 
 from hybridvit_jax.configs import vit
 from hybridvit_jax import configuration, data, predict
-from hybridvit_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def trained_run(tmp_path_factory):
-  """(workdir, config, last history record) of a one-epoch ViT smoke run."""
-  workdir = tmp_path_factory.mktemp('vit_run')
-  config = vit.get_config('smoke')
-  config.num_epochs = 1
-  record = loop.train_and_evaluate(config, workdir)
-  return workdir, config, record
+def trained_run(vit_smoke_run):
+  """(workdir, config, last history record) of a one-epoch ViT smoke run (predict only reads it)."""
+  return vit_smoke_run
 
 
 def test_image_files_are_classified_as_the_run_evaluated_them(trained_run, tmp_path):
