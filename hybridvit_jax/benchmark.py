@@ -283,6 +283,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   options = flags.FLAGS
+  cli.quiet_library_logs()
   cli.use_compilation_cache(options.config.compilation_cache)
   result = cli.run_and_exit(benchmark, options.config, steps=options.steps, warmup=options.warmup)
   print(json.dumps({'config': config_argument(options['config']), **result}), flush=True)

@@ -27,6 +27,9 @@ class _QuietLibraryInfo(python_logging.Filter):
 
 def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  # JAX logs each accelerator backend it probes and does not find ("Unable to initialize backend
+  # 'tpu'") at INFO on every start-up; a missing backend that was asked for is still an error.
+  python_logging.getLogger('jax._src.xla_bridge').setLevel(python_logging.WARNING)
 
 
 def use_compilation_cache(enabled: bool) -> None:

@@ -1,6 +1,9 @@
 """Tests run on CPU with 4 forced host devices, so every test exercises the sharded code."""
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -36,3 +39,28 @@ def vit_smoke_run(tmp_path_factory):
   config = vit.get_config('smoke')
   config.num_epochs = 1
   return workdir, config, loop.train_and_evaluate(config, workdir)
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The launched run: long enough to be stopped mid-way, short enough for CI: 3 epochs of 7 steps,
+# a checkpoint every 2.
+LAUNCH_FLAGS = ('--config=configs/vit.py:smoke', '--config.num_epochs=3', '--config.checkpoint_every_steps=2',
+                '--config.model.vit.dropout_rate=0.1', '--config.eval_test_every_epoch=False')
+
+
+def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """`python ARGS...` in the repository with this process's environment (its 4 devices, so the
+  command finds the steps compiled before in the shared compilation cache)."""
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=os.environ if env is None else env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='session')
+def launched_run(tmp_path_factory) -> pathlib.Path:
+  """The workdir of `python launch.py LAUNCH_FLAGS`, run to its end without interruption: what the
+  interrupted and multi-process runs must end as, and what the command-line evaluate reads (a test
+  that changes it works on a copy)."""
+  workdir = tmp_path_factory.mktemp('launched_run')
+  result = run_command('launch.py', *LAUNCH_FLAGS, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

@@ -3,8 +3,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -17,15 +15,10 @@ from hybridvit_jax.evaluate import evaluate
 from hybridvit_jax.training import loop
 from hybridvit_jax.training.history import read_history
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import run_command
+
 HISTORY_FIELDS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'test_loss',
                   'test_accuracy', 'elapsed_s', 'images_per_s'}
-
-
-def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-  # the test process's 4 devices, so the subprocess finds the steps it compiled in the shared cache
-  env = {**(os.environ if env is None else env), 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def event_scalars(workdir: pathlib.Path) -> dict[str, dict[int, float]]:
@@ -58,44 +51,21 @@ def test_smoke_preset_trains_every_network(experiment, tmp_path):
   assert len(list(tmp_path.glob('plugins/profile/*/*.xplane.pb'))) == 1  # profile_steps: one trace
 
 
-def test_launch_resume_and_evaluate_from_the_command_line(tmp_path):
-  workdir = str(tmp_path / 'run')
-  first = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}',
-                      '--config.num_epochs=1')
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert len(read_history(workdir)) == 1
-  second = run_command('launch.py', '--config=configs/vit.py:smoke', f'--workdir={workdir}',
-                       '--config.num_epochs=2')
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert 'resumed from step 7' in second.stderr
-  history = read_history(workdir)
-  assert [(r['epoch'], r['step']) for r in history] == [(1, 7), (2, 14)]
-  # JAX's persistent compilation cache is on by default, in the user's cache directory
+def test_evaluate_command_prints_one_json_line_and_keeps_it_for_report(tmp_path, launched_run):
+  """On a run that launch.py trained (the launch and resume commands are the reliability tests'):
+  one JSON line, appended to evaluations.jsonl; the compilation cache in the user's cache folder."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(launched_run, workdir)
   without_cache_dir = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   result = run_command('-m', 'hybridvit_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest',
-                       env={**without_cache_dir, 'XDG_CACHE_HOME': str(tmp_path / 'cache')})
+                       '--split=val', env={**without_cache_dir, 'XDG_CACHE_HOME': str(tmp_path / 'cache')})
   assert result.returncode == 0, result.stderr[-3000:]
   assert list((tmp_path / 'cache' / 'hybridvit_jax' / 'jax').iterdir())
   evaluation = json.loads(result.stdout.strip().splitlines()[-1])
-  assert evaluation['examples'] == 256 and evaluation['step'] == 14
-  assert evaluation['accuracy'] == pytest.approx(history[-1]['test_accuracy'], abs=1e-6)
+  last = read_history(workdir)[-1]
+  assert evaluation['examples'] == 64 and evaluation['step'] == last['step'] == 21
+  assert evaluation['accuracy'] == pytest.approx(last['val_accuracy'], abs=1e-6)
   assert evaluate_lib.read_evaluations(workdir) == [evaluation]  # where report finds it
-
-
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-  def config(epochs):
-    c = vit.get_config('smoke')
-    c.update({'num_epochs': epochs, 'eval_test_every_epoch': False})
-    c.optimizer.schedule = 'constant'
-    c.model.vit.dropout_rate = 0.1
-    return c
-  loop.train_and_evaluate(config(2), tmp_path / 'straight')
-  loop.train_and_evaluate(config(1), tmp_path / 'resumed')
-  loop.train_and_evaluate(config(2), tmp_path / 'resumed')
-  straight = evaluate(str(tmp_path / 'straight'), 'latest')
-  resumed = evaluate(str(tmp_path / 'resumed'), 'latest')
-  assert straight['step'] == resumed['step'] == 14
-  assert (straight['loss'], straight['accuracy']) == (resumed['loss'], resumed['accuracy'])
 
 
 def test_a_run_of_an_older_config_schema_is_refused_in_one_line(tmp_path):

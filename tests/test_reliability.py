@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -20,27 +19,15 @@ from hybridvit_jax.training import loop, pacing
 from hybridvit_jax.training.history import read_history
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# Long enough to be interrupted mid-way, short enough for CI: 6 epochs of 7 steps.
-RUN_FLAGS = ('--config=configs/vit.py:smoke', '--config.num_epochs=6', '--config.checkpoint_every_steps=2',
-             '--config.model.vit.dropout_rate=0.1', '--config.eval_test_every_epoch=False')
+from conftest import LAUNCH_FLAGS as RUN_FLAGS, REPO, run_command as run
 
-
-def start(*args: str, devices: int = 2, **popen_kwargs) -> subprocess.Popen:
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **popen_kwargs)
-
-
-def run(*args: str, devices: int = 2) -> subprocess.CompletedProcess:
-  process = start(*args, devices=devices)
-  stdout, stderr = process.communicate(timeout=600)
-  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+# launch.py that sends itself a signal right after a chosen step (not a timed signal from outside).
+SIGNAL_AT_STEP = 'tests/signal_at_step.py'
 
 
 def run_train_main(config, workdir: pathlib.Path, capsys) -> tuple[int, str]:
   """launch.py's body (cli.train_main under cli.run_and_exit) on a parsed config, in this process:
-  (its exit code, its stderr). A subprocess costs ~10 s of importing the stack; one subprocess
+  (its exit code, its stderr). A subprocess costs seconds of importing the stack; one subprocess
   test checks the command's own exit code."""
   try:
     cli.run_and_exit(cli.train_main, config, str(workdir))
@@ -56,24 +43,8 @@ def saved_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.exists() else []
 
 
-def wait_for_checkpoint(process: subprocess.Popen, workdir: pathlib.Path, min_step: int) -> None:
-  deadline = time.time() + 300
-  while not any(step >= min_step for step in saved_steps(workdir)):
-    assert process.poll() is None, f'training ended before step {min_step}: {process.stderr.read()[-3000:]}'
-    assert time.time() < deadline, 'no checkpoint within 300 s'
-    time.sleep(0.05)
-
-
 def final_params(workdir: pathlib.Path) -> dict:
   return jax.device_get(restore_run(workdir, 'latest')[3].params)
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory) -> pathlib.Path:
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  result = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
 
 
 def assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
@@ -83,30 +54,24 @@ def assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
                                                      'workdir': str(workdir)}
 
 
-def test_sigterm_then_sigkill_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted):
-  """A SIGTERM saves, says how to resume and exits 0; the resumed run, killed with SIGKILL, loses
-  at most the steps since its last checkpoint; the rerun ends bitwise where the run never
-  interrupted does."""
+def test_sigterm_then_sigkill_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path, launched_run):
+  """A SIGTERM (after step 5) saves, says how to resume and exits 0; the resumed run, killed with
+  SIGKILL after step 13, loses at most the steps since its last complete checkpoint; the rerun ends
+  bitwise where the run never interrupted does."""
   workdir = tmp_path / 'run'
-  process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
-  wait_for_checkpoint(process, workdir, min_step=4)
-  process.send_signal(signal.SIGTERM)
-  stdout, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-3000:]
-  stopped_at = int(stdout.strip().splitlines()[-1].split('stopped at step ')[1].split()[0])
-  assert 'run the same command to resume' in stdout
-  assert stopped_at in saved_steps(workdir)
-  process = start('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
-  wait_for_checkpoint(process, workdir, min_step=stopped_at + 4)
-  process.kill()
-  _, stderr = process.communicate(timeout=60)
-  assert process.returncode == -signal.SIGKILL
-  assert f'resumed from step {stopped_at}' in stderr
+  stopped = run(SIGNAL_AT_STEP, '5', 'TERM', *RUN_FLAGS, f'--workdir={workdir}')
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert stopped.stdout.strip().splitlines()[-1] == 'stopped at step 5 (SIGTERM); run the same command to resume'
+  assert saved_steps(workdir)[-1] == 5
+  killed = run(SIGNAL_AT_STEP, '13', 'KILL', *RUN_FLAGS, f'--workdir={workdir}')
+  assert killed.returncode == -signal.SIGKILL and 'resumed from step 5' in killed.stderr, killed.stderr[-3000:]
+  last_saved = saved_steps(workdir)[-1]
+  assert 8 <= last_saved <= 12  # the save of step 12 may have been cut short, that of 10 at the latest not
   resumed = run('launch.py', *RUN_FLAGS, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resumed from step' in resumed.stderr
-  assert [r['epoch'] for r in read_history(workdir)] == [1, 2, 3, 4, 5, 6]
-  assert_same_run(workdir, uninterrupted)
+  assert f'resumed from step {last_saved}' in resumed.stderr
+  assert [r['epoch'] for r in read_history(workdir)] == [1, 2, 3]
+  assert_same_run(workdir, launched_run)
 
 
 def test_a_stop_at_an_epochs_last_step_records_its_evaluation_first(tmp_path, monkeypatch, capsys):
@@ -265,9 +230,9 @@ def test_a_diverged_run_exits_1_naming_the_step(tmp_path, capsys):
   assert stderr.strip().splitlines()[-1].startswith('error: training diverged: train loss '), stderr[-2000:]
 
 
-def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path, uninterrupted, capsys):
+def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path, launched_run, capsys):
   workdir = tmp_path / 'run'
-  shutil.copytree(uninterrupted, workdir)
+  shutil.copytree(launched_run, workdir)
   before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
   from hybridvit_jax.configs import hybrid  # pylint: disable=import-outside-toplevel
   code, stderr = run_train_main(hybrid.get_config('smoke'), workdir, capsys)
@@ -276,25 +241,27 @@ def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path, uninterrup
   assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def start_processes(workdir: pathlib.Path, logs: pathlib.Path, *flags: str) -> list[subprocess.Popen]:
-  """The RUN_FLAGS run as two processes of one device each on 127.0.0.1; their output goes to
-  files in `logs` (a pipe nobody reads blocks a chatty child)."""
+def start_processes(workdir: pathlib.Path, logs: pathlib.Path, *flags: str,
+                    signal_process_1: tuple[str, str] | None = None) -> list[subprocess.Popen]:
+  """The RUN_FLAGS run as two processes of two devices each on 127.0.0.1; `signal_process_1=(STEP,
+  SIGNAL)`: process 1 sends itself SIGNAL after STEP. Output goes to files in `logs` (a pipe nobody
+  reads blocks a chatty child). The coordinator's port stays reserved while they run: bound here
+  with SO_REUSEPORT, which gRPC's server also sets, so process 0 can bind it and nobody else can."""
   logs.mkdir(parents=True, exist_ok=True)
-  address = f'127.0.0.1:{free_port()}'
+  reserved = socket.socket()
+  reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  reserved.bind(('127.0.0.1', 0))
+  address = f'127.0.0.1:{reserved.getsockname()[1]}'
   processes = []
   for i in range(2):
+    command = [SIGNAL_AT_STEP, *signal_process_1] if i == 1 and signal_process_1 else ['launch.py']
     with open(logs / f'{i}.out', 'w') as stdout, open(logs / f'{i}.err', 'w') as stderr:
       processes.append(subprocess.Popen(
-          [sys.executable, 'launch.py', *RUN_FLAGS, *flags, f'--workdir={workdir}', f'--coordinator_address={address}',
+          [sys.executable, *command, *RUN_FLAGS, *flags, f'--workdir={workdir}', f'--coordinator_address={address}',
            '--num_processes=2', f'--process_id={i}'],
-          cwd=REPO, env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
+          cwd=REPO, env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
           stdout=stdout, stderr=stderr, text=True))
+  processes[0].reserved_port = reserved  # closed by wait_all
   return processes
 
 
@@ -307,52 +274,35 @@ def wait_all(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: flo
   finally:
     for process in processes:
       process.kill()
+    processes[0].reserved_port.close()
   for i, process in enumerate(processes):
     assert process.returncode == 0, f'process {i}:\n{(logs / f"{i}.err").read_text()[-3000:]}'
   return [(logs / f'{i}.out').read_text() for i in range(len(processes))]
 
 
-@pytest.fixture(scope='module')
-def two_processes(tmp_path_factory) -> pathlib.Path:
-  """An uninterrupted run of two processes; with a time budget the whole run fits in: both
-  processes follow process 0's plan and clock."""
-  workdir = tmp_path_factory.mktemp('two_processes')
-  wait_all(start_processes(workdir / 'run', workdir / 'logs', '--config.budget_minutes=60'), workdir / 'logs')
-  return workdir / 'run'
-
-
-def test_two_processes_match_one_process_with_two_devices(two_processes, uninterrupted):
-  history = read_history(two_processes)
-  assert [r['step'] for r in history] == [7, 14, 21, 28, 35, 42]  # written once, by process 0
-  assert {r['planned_steps'] for r in history} == {42}
-  reference = evaluate(str(uninterrupted), 'latest', 'val')
-  result = evaluate(str(two_processes), 'latest', 'val')
+def test_a_signal_to_one_of_two_processes_stops_both_and_the_run_matches_one_process(tmp_path, launched_run):
+  """Two processes of two devices, one of which gets a SIGTERM after step 5: both stop at the
+  same step and save it together; rerun, they end where one process with the same four devices
+  does. Process 0 writes the history, once; with a time budget both follow its plan."""
+  workdir, budget = tmp_path / 'run', '--config.budget_minutes=60'
+  stdouts = wait_all(start_processes(workdir, tmp_path / 'logs', budget, signal_process_1=('5', 'TERM')),
+                     tmp_path / 'logs')
+  stopped_at = {int(out.split('stopped at step ')[1].split()[0]) for out in stdouts}
+  assert len(stopped_at) == 1, stdouts  # both at the same step
+  assert all('run the same command to resume' in out for out in stdouts)
+  assert stopped_at.pop() in saved_steps(workdir) and not list((workdir / 'checkpoints' / 'latest').glob('*tmp*'))
+  wait_all(start_processes(workdir, tmp_path / 'logs_resumed', budget), tmp_path / 'logs_resumed')
+  history = read_history(workdir)
+  assert [r['step'] for r in history] == [7, 14, 21] and {r['planned_steps'] for r in history} == {21}
+  reference = evaluate(str(launched_run), 'latest', 'val')
+  result = evaluate(str(workdir), 'latest', 'val')
   assert result['examples'] == reference['examples'] == 64
   assert result['accuracy'] == pytest.approx(reference['accuracy'], abs=1 / 64 + 1e-9)
   assert result['loss'] == pytest.approx(reference['loss'], rel=1e-3)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-               final_params(two_processes), final_params(uninterrupted))
-
-
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, two_processes):
-  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
-  processes = start_processes(workdir, logs, '--config.budget_minutes=60')
-  try:
-    wait_for_checkpoint(processes[1], workdir, min_step=4)
-    processes[1].send_signal(signal.SIGTERM)  # the other process gets no signal
-  except BaseException:
-    for process in processes:
-      process.kill()
-    raise
-  stdouts = wait_all(processes, logs)
-  stopped_at = {int(out.split('stopped at step ')[1].split()[0]) for out in stdouts}
-  assert len(stopped_at) == 1, stdouts  # both at the same step
-  assert 'run the same command to resume' in stdouts[0] and 'run the same command to resume' in stdouts[1]
-  assert stopped_at.pop() in saved_steps(workdir) and not list((workdir / 'checkpoints' / 'latest').glob('*tmp*'))
-  wait_all(start_processes(workdir, tmp_path / 'logs_resumed', '--config.budget_minutes=60'), tmp_path / 'logs_resumed')
-  assert [r['step'] for r in read_history(workdir)] == [7, 14, 21, 28, 35, 42]
-  assert evaluate(str(workdir), 'latest', 'val') == {**evaluate(str(two_processes), 'latest', 'val'),
-                                                     'workdir': str(workdir)}
+  # Each parameter within 1% of the reference's (its norm): the all-reduces sum in another order,
+  # and Adam turns the rounding of a gradient near zero into a step of either sign.
+  jax.tree.map(lambda a, b: np.testing.assert_array_less(np.linalg.norm(a - b), 1e-2 * np.linalg.norm(b) + 1e-12),
+               final_params(workdir), final_params(launched_run))
 
 
 def test_a_signal_during_the_last_save_is_noted_and_the_save_finishes(tmp_path, monkeypatch, capsys):

@@ -4,7 +4,8 @@ A tfds data set is read from `data.data_dir` once prepared there. If it is not
 prepared yet it is prepared once, either from the archive(s) in
 `data.manual_dir` (offline, with tfds's own builder for that name) or by tfds's
 normal download. The data set named 'synthetic' is made in-process from a
-fixed seed and needs neither.
+fixed seed and needs neither. The one named 'image_folder' is read from image
+files in `data.data_dir`/{train,test}/<class>/ by the `image_folder` module.
 
 Every split is returned whole as numpy arrays: images uint8 [N, H, W, C] and
 labels int32 [N], in a deterministic order.
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums
 
 SYNTHETIC_NAME = 'synthetic'
+IMAGE_FOLDER_NAME = 'image_folder'
 SYNTHETIC_NUM_CLASSES = 10
 SYNTHETIC_IMAGE_SHAPE = (32, 32, 3)
 _SYNTHETIC_SEED = 0
@@ -56,6 +58,8 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   """Describes the data set named by `data_config.name`, preparing it if needed."""
   if data_config.name == SYNTHETIC_NAME:
     return _synthetic_info()
+  if data_config.name == IMAGE_FOLDER_NAME:
+    return _image_folder().dataset_info(data_config)
   return _info_from_builder(prepared_builder(data_config))
 
 
@@ -74,7 +78,20 @@ def load_split(
   """
   if data_config.name == SYNTHETIC_NAME:
     return _synthetic_split(data_config, split)
+  if data_config.name == IMAGE_FOLDER_NAME:
+    return _image_folder().load_split(data_config, split)
   return _read_split(prepared_builder(data_config), split)
+
+
+def in_memory(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether the source builds its splits as numpy arrays in-process, without TensorFlow."""
+  return data_config.name in (SYNTHETIC_NAME, IMAGE_FOLDER_NAME)
+
+
+def _image_folder():
+  """The image_folder module, imported here: it imports this module for DataError."""
+  from hybridvit_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+  return image_folder
 
 
 # --- tfds data sets --------------------------------------------------------

@@ -28,13 +28,6 @@ def _examples(data_config: ml_collections.ConfigDict, split: str, process_index:
   return dataset.map(lambda example: (example['image'], tf.cast(example['label'], tf.int32)))
 
 
-def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
-  """The number of examples of `split`, read from the data set's metadata."""
-  if data_config.name == source.SYNTHETIC_NAME:
-    return len(source.load_split(data_config, split)['label'])
-  return source.prepared_builder(data_config).info.splits[split].num_examples
-
-
 def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True

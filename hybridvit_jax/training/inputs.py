@@ -4,6 +4,9 @@ device: the whole train split lives on every device (replicated, so each device 
   part of a batch locally); the step gathers the rows `epoch_order` gives it.
 stream: tf.data reads this process's shard and yields local batches, which become global
   arrays with `jax.make_array_from_process_local_data`.
+Evaluation reads a split the data source builds in memory (synthetic, image_folder) in numpy
+batches, and a tfds data set through tf.data. TensorFlow (the `stream` module) is imported only
+where tf.data is used, so those in-memory sources run without it.
 Either way the order of an epoch is a function of (seed, epoch), so a resumed run continues
 exactly where it stopped.
 """
@@ -15,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridvit_jax import configuration, data
-from hybridvit_jax.data import stream
+from hybridvit_jax.data import source
 
 _TRAIN_SPLIT_FLAG = '--config.data.train_split'
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (images uint8 [b, H, W, C], labels int32 [b])
@@ -69,12 +72,23 @@ def _checked_split(data_config: ml_collections.ConfigDict, split: str, read: Cal
   return result
 
 
+def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """The number of examples of `split` (a tfds data set's from its metadata)."""
+  if source.in_memory(data_config):
+    return len(data.load_split(data_config, split)['label'])
+  return source.prepared_builder(data_config).info.splits[split].num_examples
+
+
 def eval_batches_source(data_config: ml_collections.ConfigDict, split: str, batch_size: int, *,
                         flag: str) -> Callable[[], Batches]:
-  """A function that yields every example of `split` once, in batches of at most `batch_size`,
-  streamed by tf.data in both input modes (nothing kept in memory between evaluations).
-  A bad or empty split is a ConfigError naming `flag` (the key or flag that chose it)."""
-  _checked_split(data_config, split, stream.num_examples, flag)
+  """A function that yields every example of `split` once, in order, in batches of at most
+  `batch_size`, in both input modes: from the source's arrays, or streamed by tf.data for a tfds
+  data set (nothing kept in memory between evaluations). A bad or empty split is a ConfigError
+  naming `flag` (the key or flag that chose it)."""
+  _checked_split(data_config, split, split_size, flag)
+  if source.in_memory(data_config):
+    return lambda: array_batches(data.load_split(data_config, split), batch_size)
+  from hybridvit_jax.data import stream  # pylint: disable=import-outside-toplevel  # TensorFlow, only here
   return lambda: stream.eval_batches(data_config, split, batch_size)
 
 
@@ -86,7 +100,7 @@ class TrainInput:
     self.config = config
     self.mesh = mesh
     if config.data.input_mode == 'stream':
-      self.num_examples = _checked_split(config.data, config.data.train_split, stream.num_examples, _TRAIN_SPLIT_FLAG)
+      self.num_examples = _checked_split(config.data, config.data.train_split, split_size, _TRAIN_SPLIT_FLAG)
       self.steps_per_epoch = self.num_examples // jax.process_count() // self.local_batch_size
     else:
       arrays = _checked_split(config.data, config.data.train_split, data.load_split, _TRAIN_SPLIT_FLAG)
@@ -122,6 +136,7 @@ class TrainInput:
   def epoch(self, epoch: int, first_step: int = 0) -> Iterator[tuple]:
     """The per-step inputs of `epoch`, from its step `first_step` on."""
     if self.config.data.input_mode == 'stream':
+      from hybridvit_jax.data import stream  # pylint: disable=import-outside-toplevel  # TensorFlow, only here
       batch_sharding = NamedSharding(self.mesh, P('data'))
       batches = stream.train_batches(
           self.config.data, self.config.data.train_split, seed=self.config.seed, epoch=epoch,

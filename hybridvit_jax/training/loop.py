@@ -15,14 +15,13 @@ from typing import Any, Callable
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridvit_jax import configuration, data, models
-from hybridvit_jax.data import stream
 from hybridvit_jax.training import optimizer as optimizer_lib
-from hybridvit_jax.training import budget, history, inputs, pacing, signals, steps
+from hybridvit_jax.training import budget, history, inputs, pacing, signals, steps, writers
 from hybridvit_jax.training.checkpoint import RunCheckpoints
 from hybridvit_jax.training.metrics import ClassificationMetrics, TrainMetrics
 from hybridvit_jax.training.state import TrainState, init_train_state, model_graphdef
@@ -115,7 +114,7 @@ def evaluation_batches(config: ml_collections.ConfigDict, splits) -> int:
   """The eval_step calls one evaluation of the named `splits` makes (twice as many with EMA
   weights): what a time budget's plans count an evaluation by."""
   return (2 if config.ema_decay else 1) * sum(
-      math.ceil(stream.num_examples(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
+      math.ceil(inputs.split_size(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
       for split in splits)
 
 
@@ -183,34 +182,30 @@ def build_training(config: ml_collections.ConfigDict, info: data.DatasetInfo, me
 
 class StepProfile:
   """A jax.profiler trace of `num_steps` steps (config.profile_steps; 0 = none),
-  PROFILE_WARMUP_STEPS steps into this session, written by clu's Profile action into
-  WORKDIR/plugins/profile/ (TensorBoard's profile tab and XProf read it). The host waits for
-  each traced step, so the trace holds its device work."""
+  PROFILE_WARMUP_STEPS steps into this session, written into WORKDIR/plugins/profile/
+  (TensorBoard's profile tab and XProf read it). The host waits for each traced step, so the
+  trace holds its device work."""
 
   def __init__(self, num_steps: int, workdir: pathlib.Path, start_step: int):
     self.first_step = start_step + PROFILE_WARMUP_STEPS
-    self.last_step = self.first_step + num_steps
-    self._action = (periodic_actions.Profile(logdir=workdir, num_profile_steps=num_steps, profile_duration_ms=None,
-                                             first_profile=self.first_step, every_secs=None)
-                    if num_steps else None)
+    self.last_step = self.first_step + num_steps if num_steps else -1
+    self._workdir = workdir
 
   def after_step(self, state: TrainState, step: int) -> None:
     """Called after dispatching the step that brings the run to `step`: starts or ends the trace."""
-    if self._action is None:
+    if not self.first_step <= step <= self.last_step:
       return
-    if self.first_step <= step <= self.last_step:
-      jax.block_until_ready(state.step)
-    self._action(step)
+    jax.block_until_ready(state.step)
+    if step == self.first_step:
+      jax.profiler.start_trace(str(self._workdir))
+    elif step == self.last_step:
+      jax.profiler.stop_trace()
+      logging.info('profile of steps %d-%d written to %s', self.first_step + 1, step, self._workdir)
 
   def close(self, step: int) -> None:
     """Ends a trace that the run's end (at `step`) cut short."""
-    if self._action is not None and self.first_step <= step < self.last_step:
+    if self.first_step <= step < self.last_step:
       jax.profiler.stop_trace()
-
-
-def progress_hooks(writer: metric_writers.MetricWriter, total_steps: int) -> list:
-  """The periodic progress report (steps/s, ETA) of a run of `total_steps`."""
-  return [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
 
 
 def fit_to_training_images(state: TrainState, config: ml_collections.ConfigDict, info: data.DatasetInfo,
@@ -272,7 +267,7 @@ def learning_rates(opt_config: ml_collections.ConfigDict, step: int, *, steps_pe
 
 def log_train_metrics(state: TrainState, metrics: TrainMetrics, step: int, *,
                       config: ml_collections.ConfigDict, num_classes: int, checkpoints: RunCheckpoints,
-                      writer: metric_writers.MetricWriter, hooks: list, steps_per_epoch: int,
+                      writer: writers.MetricWriter, progress: writers.ProgressReport, steps_per_epoch: int,
                       total_steps: int) -> None:
   """At a log step: stops a run whose loss is non-finite or diverged (check_finite,
   check_not_diverged), writes the epoch's train metrics so far (train_loss, train_accuracy,
@@ -284,8 +279,7 @@ def log_train_metrics(state: TrainState, metrics: TrainMetrics, step: int, *,
                                                total_steps=total_steps)})
   check_not_diverged(float(train_metrics['loss']), step, num_classes=num_classes, config=config,
                      checkpoints=checkpoints)
-  for hook in hooks:  # so steps/s and the ETA count finished steps, not dispatched ones
-    hook(step)
+  progress(step)  # here, so steps/s and the time left count finished steps, not dispatched ones
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -310,10 +304,10 @@ def eval_batch_sources(config: ml_collections.ConfigDict) -> dict[str, Callable[
 
 
 def make_writer(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                fresh: bool) -> metric_writers.MetricWriter:
+                fresh: bool) -> writers.MetricWriter:
   """The run's metric writer (TensorBoard and the log on process 0, the log only on the others);
   a `fresh` run's records the config's hyperparameters first."""
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+  writer = writers.MetricWriter(workdir, tensorboard=jax.process_index() == 0)
   if fresh:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                          for k, v in configuration.flatten(config.to_dict()).items()})
@@ -356,7 +350,7 @@ def end_at_deadline(state: TrainState, config: ml_collections.ConfigDict) -> Tra
   return jax.jit(steps.end_lookahead, donate_argnums=0)(state) if config.lookahead_decay else state
 
 
-def publish_record(record: dict[str, Any], workdir: pathlib.Path, writer: metric_writers.MetricWriter) -> None:
+def publish_record(record: dict[str, Any], workdir: pathlib.Path, writer: writers.MetricWriter) -> None:
   """An evaluation's history record: appended to history.jsonl (by process 0), written as
   TensorBoard scalars and logged."""
   if jax.process_index() == 0:
@@ -370,14 +364,14 @@ def stopped_early(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> bo
   return bool(config.early_stopping_patience) and meta['epochs_without_improvement'] >= config.early_stopping_patience
 
 
-def follow_plan(planned: int | None, total_steps: int, hooks: list,
-                writer: metric_writers.MetricWriter) -> tuple[int, list]:
-  """The run's total steps and progress hooks once the time budget planned `planned` steps (None:
-  no plan was made). The schedule's length is an argument of the train step, so a new plan costs
-  no compile; the progress report starts again, counting toward the new end."""
-  if planned is None or planned == total_steps:
-    return total_steps, hooks
-  return planned, progress_hooks(writer, planned)
+def follow_plan(planned: int | None, total_steps: int, progress: writers.ProgressReport) -> int:
+  """The run's total steps once the time budget planned `planned` steps (None: no plan was made).
+  The schedule's length is an argument of the train step, so a new plan costs no compile; the
+  progress report counts toward the new end."""
+  if planned is None:
+    return total_steps
+  progress.total_steps = planned
+  return planned
 
 
 def make_time_budget(config: ml_collections.ConfigDict, meta: dict[str, Any], eval_step,
@@ -430,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     history.truncate_history(workdir, start_step)
     parameter_overview.log_parameter_overview(state.params)
   writer = make_writer(config, workdir, fresh=start_step == 0)
-  hooks = progress_hooks(writer, total_steps)
+  progress = writers.ProgressReport(writer, total_steps)
   if stopped_early(config, meta):
     logging.info('this run stopped early (no better %s for %d evaluations): nothing to train',
                  config.best_checkpoint_metric, meta['epochs_without_improvement'])
@@ -465,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         profile.after_step(state, step)
         stopping = stop.agreed()
         # The time budget plans the run after its probe's steps, and ends it at the deadline.
-        total_steps, hooks = follow_plan(time_budget.after_step(state, step), total_steps, hooks, writer)
+        total_steps = follow_plan(time_budget.after_step(state, step), total_steps, progress)
         if time_budget.deadline_reached(step, total_steps):
           total_steps, state = step, end_at_deadline(state, config)
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
@@ -473,13 +467,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # -- log.
         if step % config.log_every_steps == 0:
           log_train_metrics(state, metrics, step, config=config, num_classes=info.num_classes,
-                            checkpoints=checkpoints, writer=writer, hooks=hooks, steps_per_epoch=steps_per_epoch,
+                            checkpoints=checkpoints, writer=writer, progress=progress, steps_per_epoch=steps_per_epoch,
                             total_steps=total_steps)
 
         # -- periodic checkpoint; the time budget plans again, as at an evaluation.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
           check_finite(state, config, checkpoints)
-          total_steps, hooks = follow_plan(time_budget.at_checkpoint(step), total_steps, hooks, writer)
+          total_steps = follow_plan(time_budget.at_checkpoint(step), total_steps, progress)
           epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
           checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
       if stopping and step < epoch_end:  # a stop at an epoch's end first records the epoch's evaluation
@@ -497,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           state, metrics, config=config, evaluate_state=evaluate_state, time_budget=time_budget, epoch=epoch,
           step=step, epoch_first_step=epoch_first_step, epoch_start=epoch_start, steps_per_epoch=steps_per_epoch,
           total_steps=total_steps, session_start=session_start)
-      total_steps, hooks = follow_plan(new_total_steps, total_steps, hooks, writer)
+      total_steps = follow_plan(new_total_steps, total_steps, progress)
       improved, meta = rank_evaluation({**meta, **time_budget.state_dict()}, record, config.best_checkpoint_metric)
       checkpoints.save(step, state, checkpoint_meta(meta, time_budget, record['elapsed_s']), best=improved)
       publish_record(record, workdir, writer)
@@ -512,7 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
       checkpoints.wait()
       checkpoints.close()
-      writer.flush()
+      writer.close()
       profile.close(step)
     finally:
       stop.restore_handlers()  # only now: a signal during the saves above must not kill them
