@@ -18,7 +18,7 @@ def _examples(data_config: ml_collections.ConfigDict, split: str, process_index:
               process_count: int) -> tf.data.Dataset:
   """This process's equal share of `split` as a dataset of (image uint8 [H,W,C], label int32),
   in a fixed order."""
-  if data_config.name == source.SYNTHETIC_NAME:
+  if source.in_memory(data_config):
     arrays = source.load_split(data_config, split)
     dataset = tf.data.Dataset.from_tensor_slices((arrays['image'], arrays['label']))
     return dataset.shard(process_count, process_index).take(len(arrays['label']) // process_count)
