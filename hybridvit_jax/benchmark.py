@@ -9,8 +9,9 @@ data set itself is never read, downloaded or prepared. Progress goes to stderr; 
 line is one JSON object:
 
   config, model, dtype, input_mode, backend, device_kind, devices, jax_version, batch_size
-  shape_source       where num_classes and the image shape came from: 'synthetic', 'tfds_builder'
-                     (tfds's metadata, read without preparing) or 'fallback' (32x32x3, 10 classes)
+  shape_source       where num_classes and the image shape came from: 'synthetic', 'image_folder'
+                     (the folder's decoded cache), 'tfds_builder' (tfds's metadata, read without
+                     preparing) or 'fallback' (32x32x3, 10 classes)
   num_classes, image_shape, params (number of model parameters)
   compile_s          seconds to lower and compile the train step
   compile_cache      whether JAX's persistent compilation cache is on (then compile_s may be a hit)
@@ -65,11 +66,11 @@ def dataset_shape(data_config: ml_collections.ConfigDict) -> tuple[data.DatasetI
   """The data set's classes and image shape, without reading, downloading or preparing it.
 
   Returns (info, shape_source), shape_source one of 'synthetic' (data.name='synthetic'),
-  'tfds_builder' (tfds's builder metadata, known before the data set is prepared) or 'fallback'
+  'image_folder' (the folder's images, decoded into its cache if not done before), 'tfds_builder' (tfds's builder metadata, known before the data set is prepared) or 'fallback'
   (FALLBACK_IMAGE_SHAPE and FALLBACK_NUM_CLASSES, when tfds cannot say; logged with the reason).
   """
-  if data_config.name == source.SYNTHETIC_NAME:
-    return data.dataset_info(data_config), 'synthetic'
+  if source.in_memory(data_config):  # local and without tfds: synthetic or image_folder
+    return data.dataset_info(data_config), data_config.name
   try:
     features = tfds.builder(data_config.name, data_dir=data_config.data_dir or None).info.features
     image_shape, num_classes = tuple(features['image'].shape), features['label'].num_classes
@@ -191,7 +192,7 @@ def stream_input_images_per_s(config: ml_collections.ConfigDict, info: data.Data
   read, shuffle, batch, placement on the mesh), on the configured train split; (None, why) when
   that split cannot be read without downloading or preparing the data set."""
   del info, step_inputs  # the stream reads the data set itself
-  if config.data.name != source.SYNTHETIC_NAME and not tfds.builder(
+  if not source.in_memory(config.data) and not tfds.builder(
       config.data.name, data_dir=config.data.data_dir or None).is_prepared():
     return None, f'not timed: {config.data.name} is not prepared in data.data_dir'
   train_input = inputs.TrainInput(config, mesh)

@@ -1,15 +1,14 @@
 """Tests of the 'image_folder' data source: labels, split specs, the cache, bad input, no TensorFlow."""
 
+import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import LAUNCH_FLAGS, run_command
 from hybridvit_jax.data import image_folder
 from hybridvit_jax.data import source
 
@@ -61,20 +60,39 @@ def forbid_decoding(monkeypatch) -> None:
   monkeypatch.setattr(Image, 'open', fail)
 
 
-def test_labels_follow_sorted_class_names_and_order_is_class_then_file(root):
+def label_of_pixel(value: int) -> int:
+  """The label pixel_value encodes: the sorted class index."""
+  return (value % 128) // 32
+
+
+def test_labels_follow_sorted_class_names_in_a_fixed_shuffled_order(root):
   info = source.dataset_info(data_config(root))
   assert info == source.DatasetInfo(name='image_folder', num_classes=3, image_shape=(SIDE, SIDE, 3),
                                     class_names=SORTED_CLASSES)
   train = source.load_split(data_config(root), 'train')
   assert train['image'].dtype == np.uint8 and train['image'].shape == (12, SIDE, SIDE, 3)
   assert train['label'].dtype == np.int32
-  np.testing.assert_array_equal(train['label'], np.repeat(np.arange(3), TRAIN_PER_CLASS))
+  values = train['image'][:, 0, 0, 0]
+  # Every image once, with the label of its class folder, and all three channels decoded.
   expected = [pixel_value('train', name, index) for name in SORTED_CLASSES for index in range(4)]
-  np.testing.assert_array_equal(train['image'][:, 0, 0, 0], expected)
-  np.testing.assert_array_equal(train['image'][:, 3, 5], np.add.outer(expected, [0, 1, 2]))
+  assert sorted(values.tolist()) == sorted(expected)
+  np.testing.assert_array_equal(train['label'], [label_of_pixel(value) for value in values])
+  np.testing.assert_array_equal(train['image'][:, 3, 5], np.add.outer(values, [0, 1, 2]))
+  # Shuffled: the first half of the split is not one or two classes, as class-folder order is.
+  assert len(set(train['label'][:6].tolist())) == 3
   test = source.load_split(data_config(root), 'test')
-  np.testing.assert_array_equal(test['label'], np.repeat(np.arange(3), TEST_PER_CLASS))
-  assert test['image'][0, 0, 0, 0] == pixel_value('test', 'ant', 0)
+  assert sorted(test['label'].tolist()) == [0, 0, 1, 1, 2, 2]
+  np.testing.assert_array_equal(
+      test['label'], [label_of_pixel(value) for value in test['image'][:, 0, 0, 0]])
+  assert all(value >= 128 for value in test['image'][:, 0, 0, 0])
+
+
+def test_the_order_is_the_same_when_the_cache_is_rebuilt(root, tmp_path):
+  first = source.load_split(data_config(root), 'train')
+  os.rename(root / image_folder.CACHE_DIR_NAME, tmp_path / 'old_cache')
+  second = source.load_split(data_config(root), 'train')
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(first[key], second[key])
 
 
 def test_grayscale_images_become_rgb(tmp_path, monkeypatch):
@@ -84,7 +102,7 @@ def test_grayscale_images_become_rgb(tmp_path, monkeypatch):
     write_image(tmp_path / 'gray' / split / 'b' / 'x.jpg', 0, mode='RGB')
   train = source.load_split(data_config(tmp_path / 'gray'), 'train')
   assert train['image'].shape == (2, SIDE, SIDE, 3)
-  np.testing.assert_array_equal(train['image'][0, 0, 0], [77, 77, 77])
+  np.testing.assert_array_equal(train['image'][train['label'] == 0][0, 0, 0], [77, 77, 77])
 
 
 @pytest.mark.parametrize('spec, expected', [
@@ -136,13 +154,14 @@ def test_cache_is_rebuilt_when_the_folder_changes(root):
   assert len(source.load_split(data_config(root), 'train')['label']) == 12
   write_image(root / 'train' / 'moth' / 'img9.png', 250)
   train = source.load_split(data_config(root), 'train')
-  np.testing.assert_array_equal(train['label'], [0] * 4 + [1] * 5 + [2] * 4)
-  assert train['image'][8, 0, 0, 0] == 250
+  assert sorted(train['label'].tolist()) == [0] * 4 + [1] * 5 + [2] * 4
+  assert train['label'][train['image'][:, 0, 0, 0] == 250].tolist() == [1]
   # Same name and size, new contents and mtime: rebuilt too.
   path = root / 'train' / 'ant' / 'img0.png'
   write_image(path, 200)
   os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-  assert source.load_split(data_config(root), 'train')['image'][0, 0, 0, 0] == 200
+  train = source.load_split(data_config(root), 'train')
+  assert train['label'][train['image'][:, 0, 0, 0] == 200].tolist() == [0]
 
 
 def test_a_corrupt_cache_file_is_rebuilt(root):
@@ -241,8 +260,9 @@ def test_an_image_of_another_size_is_a_data_error_naming_both_sizes(root):
   path = root / 'train' / 'zebra' / 'img1.png'
   write_image(path, 0, size=(16, SIDE))
   message = one_line_data_error(data_config(root))
-  assert f'{path} is 16x8 pixels' in message and 'is 8x8' in message
-  assert str(root / 'train' / 'ant' / 'img0.png') in message
+  # The odd image and the first of the split's order, whichever of the two comes first.
+  assert str(path) in message and '16x8' in message and '8x8' in message
+  assert message.count(str(root / 'train')) == 2
 
 
 def test_test_images_of_another_size_than_train_are_a_data_error(root):
@@ -254,27 +274,39 @@ def test_test_images_of_another_size_than_train_are_a_data_error(root):
   assert '\n' not in str(raised.value)
 
 
-def test_loads_without_tensorflow(root):
-  script = textwrap.dedent(f"""
-      import sys
+def cifar_shaped_folder(root, *, train_per_class: int, test_per_class: int) -> None:
+  """ROOT with 10 classes of 32x32 noise PNGs: the smoke preset's shapes, so its steps compile
+  as in the other command-line tests."""
+  rng = np.random.default_rng(0)
+  for split, per_class in (('train', train_per_class), ('test', test_per_class)):
+    for label in range(10):
+      for index in range(per_class):
+        path = root / split / f'class{label}' / f'{index}.png'
+        os.makedirs(path.parent, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
 
-      class BlockTensorFlow:
-        def find_spec(self, name, path=None, target=None):
-          if name == 'tensorflow' or name.startswith('tensorflow.'):
-            raise ImportError('TensorFlow is blocked: ' + name)
 
-      sys.meta_path.insert(0, BlockTensorFlow())
-      import ml_collections
-      from hybridvit_jax.data import source
-      config = ml_collections.ConfigDict({{'name': 'image_folder', 'data_dir': {str(root)!r}}})
-      info = source.dataset_info(config)
-      arrays = source.load_split(config, 'train[:5]+test')
-      assert info.num_classes == 3, info
-      assert arrays['image'].shape == (11, {SIDE}, {SIDE}, 3), arrays['image'].shape
-      assert 'tensorflow' not in sys.modules
-      print('ok without tensorflow')
-      """)
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
+def test_launch_evaluate_predict_and_benchmark_run_without_tensorflow(tmp_path, monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg_cache'))
+  root, workdir = tmp_path / 'folder', tmp_path / 'run'
+  cifar_shaped_folder(root, train_per_class=8, test_per_class=2)
+  data_flags = ('--config.data.name=image_folder', f'--config.data.data_dir={root}',
+                '--config.data.train_split=train[:64]', '--config.data.val_split=train[64:]')
+  result = run_command(
+      'tests/without_tensorflow.py',
+      'launch.py', *LAUNCH_FLAGS, *data_flags, '--config.num_epochs=2', f'--workdir={workdir}', ',',
+      '-m', 'hybridvit_jax.evaluate', f'--workdir={workdir}', '--split=test', ',',
+      '-m', 'hybridvit_jax.predict', f'--workdir={workdir}', str(root / 'test' / 'class3' / '0.png'), ',',
+      '-m', 'hybridvit_jax.benchmark', '--config=configs/vit.py:smoke', *data_flags, '--steps=2',
+      '--warmup=1')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'ok without tensorflow' in result.stdout
+  assert result.stderr.count('without_tensorflow: exit 0') == 4, result.stderr[-3000:]
+  evaluation, prediction, benchmark = (json.loads(line) for line in result.stdout.splitlines()
+                                       if line.startswith('{'))
+  assert evaluation['examples'] == 20 and 0 <= evaluation['accuracy'] <= 1, evaluation
+  [top] = prediction.values()
+  assert len(top) == 3 and {entry['class'] for entry in top} <= {f'class{i}' for i in range(10)}
+  assert benchmark['shape_source'] == 'image_folder' and benchmark['num_classes'] == 10, benchmark
+  assert benchmark['image_shape'] == [32, 32, 3] and benchmark['step_ms'] > 0, benchmark
+  history = [json.loads(line) for line in (workdir / 'history.jsonl').read_text().splitlines()]
+  assert [record['epoch'] for record in history if 'val_accuracy' in record] == [1, 2], history

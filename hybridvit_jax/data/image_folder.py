@@ -9,8 +9,9 @@ image rebuilds it. When ROOT is read-only the cache lives in
 $XDG_CACHE_HOME/hybridvit_jax/image_folder/<hash of ROOT>/ (~/.cache by default).
 
 Split specs use tfds's syntax ('train[:45000]', 'train[90%:]', 'test', 'train[:10]+test')
-over the full splits 'train' and 'test'; within a split, examples are ordered by
-(class name, file name).
+over the full splits 'train' and 'test'. Within a split, the examples are in a fixed random
+order: the (class name, file name) order shuffled with a constant seed, so that any slice such as
+'train[45000:]' draws from every class, and every process and run sees the same order.
 """
 
 import dataclasses
@@ -31,7 +32,9 @@ SPLITS = ('train', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 CACHE_DIR_NAME = '.hybridvit_cache'
 # Part of every cache key: bump it when the cache file's contents change meaning.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
+# The seed of each split's fixed example order; changing it changes every train/val split.
+_ORDER_SEED = 0
 _PROGRESS_EVERY = 10_000  # files between progress lines while decoding
 _LAYOUT = 'image_folder expects ROOT/train/<class>/*.png|jpg and ROOT/test/<class>/*'
 
@@ -44,7 +47,7 @@ class _Listing:
     root: the data set's folder, ROOT.
     split: 'train' or 'test'.
     class_names: the sorted class folder names; label i is class_names[i].
-    paths: absolute path of each image, sorted by (class name, file name): [N].
+    paths: absolute path of each image, in the split's fixed shuffled order: [N].
     labels: int32 [N], the label of each path.
     key: hex digest of the split's (relative path, size, mtime_ns) list; names the cache's
       contents.
@@ -87,8 +90,8 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> dict[str, 
   with the same mechanism as the synthetic source. A bad spec raises tfds's ValueError.
 
   Returns:
-    {'image': uint8 [N, H, W, 3], 'label': int32 [N]}, in (class name, file name) order within
-    each full split.
+    {'image': uint8 [N, H, W, 3], 'label': int32 [N]}, in each full split's fixed shuffled
+    order (see the module docstring).
   """
   root = _root(data_config)
   listings = {name: _list_split(root, name) for name in SPLITS}
@@ -166,7 +169,8 @@ def _image_entries(class_dir: str) -> list[os.DirEntry]:
 
 
 def _list_split(root: str, split: str) -> _Listing:
-  """Lists and fingerprints the images of the full split ROOT/<split> (no decoding)."""
+  """Lists and fingerprints the images of the full split ROOT/<split> in its fixed shuffled
+  order (no decoding)."""
   class_names = _checked_class_names(root, split)
   paths, labels = [], []
   digest = hashlib.sha256(f'format {_CACHE_FORMAT}\n'.encode())
@@ -179,8 +183,11 @@ def _list_split(root: str, split: str) -> _Listing:
           f'{split}/{class_name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n'.encode())
       paths.append(entry.path)
       labels.append(label)
-  return _Listing(root=root, split=split, class_names=class_names, paths=tuple(paths),
-                  labels=np.asarray(labels, np.int32), key=digest.hexdigest())
+  # Class folders list one class after another; a slice of that order would hold few classes.
+  order = np.random.default_rng(_ORDER_SEED).permutation(len(paths))
+  return _Listing(root=root, split=split, class_names=class_names,
+                  paths=tuple(paths[i] for i in order),
+                  labels=np.asarray(labels, np.int32)[order], key=digest.hexdigest())
 
 
 # --- the cache ---------------------------------------------------------------
