@@ -5,6 +5,8 @@
                          no augmentation, no schedule
     get_config('cpu')    a fast track for 2 CPU cores on real CIFAR-10: a network and budget sized
                          for minutes, not hours (results: docs/results.md)
+    get_config('gpu')    configs/hybrid.py only: the fast track for one GPU: airbench's regime, seconds of
+                         training in bfloat16 on an image folder (no TensorFlow needed)
     get_config('smoke')  a tiny variant of the network on a tiny in-process synthetic data set:
                          under a minute on 2 CPU cores, writes everything a real run writes
 """
@@ -12,7 +14,7 @@ import ml_collections
 
 from hybridvit_jax import configuration, models
 
-PRESETS = ('', 'paper', 'cpu', 'smoke')
+PRESETS = ('', 'paper', 'cpu', 'gpu', 'smoke')
 
 # The strong recipe of the Transformer networks (ViT and hybrid) for GPU/TPU budgets, after
 # the public from-scratch CIFAR-10 results of small ViTs: AdamW, warmup + cosine, RandAugment,
@@ -28,22 +30,27 @@ TRANSFORMER_PAPER = {'optimizer.learning_rate': 1e-4}
 
 
 def make_config(*, variant: str, smoke_variant: str, recipe: dict, paper: dict, cpu: dict,
-                preset: str = '') -> ml_collections.ConfigDict:
+                gpu: dict | None = None, preset: str = '') -> ml_collections.ConfigDict:
   """The base config with the network `variant` (models.VARIANTS) and the preset applied.
 
   recipe: overrides (dotted keys) that make the default preset; paper: the paper preset's
-  network-specific overrides (its learning rate, say); cpu: the whole cpu preset.
+  network-specific overrides (its learning rate, say); cpu: the whole cpu preset; gpu: the whole
+  gpu preset, for the networks that have one.
   """
   preset = '' if preset == 'default' else preset
   if preset not in PRESETS:
     raise configuration.ConfigError(
         f'preset {preset!r} is unknown: expected one of {", ".join(p or "(none)" for p in PRESETS)}')
+  if preset == 'gpu' and gpu is None:
+    raise configuration.ConfigError(
+        "preset 'gpu' exists for configs/hybrid.py only; use the default preset on a GPU")
   config = configuration.base_config()
   config.model.update(models.VARIANTS[variant])
   if preset == '':
     _set(config, recipe)
-  elif preset == 'cpu':
-    _set(config, {'log_every_steps': 50, 'eval_test_every_epoch': False, 'eval_flip': True, **cpu})
+  elif preset in ('cpu', 'gpu'):
+    _set(config, {'log_every_steps': 50, 'eval_test_every_epoch': False, 'eval_flip': True,
+                  **(cpu if preset == 'cpu' else gpu)})
   elif preset == 'paper':
     _set(config, {
         'batch_size': 128, 'num_epochs': 20, 'optimizer.name': 'adam', 'optimizer.schedule': 'constant',

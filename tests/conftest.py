@@ -1,4 +1,8 @@
-"""Tests run on CPU with 4 forced host devices, so every test exercises the sharded code."""
+"""Tests run on CPU with 4 forced host devices, so every test exercises the sharded code.
+
+HYBRIDVIT_TEST_PLATFORM=gpu (or tpu) runs them on that backend's own devices instead: what
+tools/gpu_check.sh does with the model and recipe tests, which assume no device count.
+"""
 import os
 import pathlib
 import shutil
@@ -8,10 +12,13 @@ import tempfile
 
 import pytest
 
-# Always the CPU: a JAX_PLATFORMS=cuda left in the environment would break the 4-device tests.
-os.environ['JAX_PLATFORMS'] = 'cpu'
-os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=4']).strip()
+# The CPU unless asked otherwise: a JAX_PLATFORMS=cuda left in the environment would break the
+# 4-device tests.
+TEST_PLATFORM = os.environ.get('HYBRIDVIT_TEST_PLATFORM', 'cpu')
+os.environ['JAX_PLATFORMS'] = 'cuda' if TEST_PLATFORM == 'gpu' else TEST_PLATFORM
+if TEST_PLATFORM == 'cpu':
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=4']).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One XLA compilation cache per test session, shared with the subprocesses the tests start (the
 # same tiny networks are compiled by many tests), removed at the end unless the caller chose it.
@@ -21,6 +28,32 @@ if _OWN_CACHE_DIR:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE_DIR
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pyproject's addopts): one worker per core, at most 4, since each holds a JAX
+  runtime of about a GiB and the tests' subprocesses want cores too."""
+  del config
+  return min(os.cpu_count() or 1, 4)
+
+
+def pytest_addoption(parser):
+  parser.addoption('--slow', action='store_true',
+                   help='also run the tests marked slow: the end-to-end runs (CI runs them)')
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: an end-to-end run of ten seconds or more; run with --slow')
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips the slow tests unless --slow: `pytest` stays a few minutes, `.ci/run` runs them all."""
+  if config.getoption('--slow'):
+    return
+  skip = pytest.mark.skip(reason='slow: run with --slow, as CI does')
+  for item in items:
+    if 'slow' in item.keywords:
+      item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):

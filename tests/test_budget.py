@@ -60,6 +60,7 @@ def final_params(workdir):
   return jax.device_get(restore_run(workdir, 'latest')[3].params)
 
 
+@pytest.mark.slow
 def test_budgeted_run_is_the_run_of_its_planned_steps_and_a_resumed_one_keeps_the_plan(tmp_path, monkeypatch):
   reference = tmp_path / 'thirty_steps'
   loop.train_and_evaluate(budget_config(budget_minutes=0.0, max_steps=30), reference)
@@ -96,6 +97,7 @@ def test_step_timer_leaves_out_the_first_step_after_a_plan_and_the_evaluations()
   assert timer.seconds_per_step(15) is None
 
 
+@pytest.mark.slow
 def test_plan_at_an_evaluation_moves_the_end_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
   reference = tmp_path / 'thirty_five_steps'
   loop.train_and_evaluate(budget_config(budget_minutes=0.0, max_steps=35), reference)
@@ -136,6 +138,7 @@ def test_run_ends_with_an_evaluation_at_the_deadline(tmp_path):
   assert [r['step'] for r in read_history(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_lookahead_run_cut_by_the_deadline_ends_on_its_slow_weights(tmp_path):
   config = budget_config(budget_minutes=1e-4, lookahead_decay=0.8, lookahead_every_steps=5)
   config.optimizer.warmup_epochs = 0.0  # so the one step taken moves the weights (warmup's first rate is 0)

@@ -32,6 +32,7 @@ def event_scalars(workdir: pathlib.Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.parametrize('experiment', [vit, resnet50, hybrid], ids=['vit', 'resnet50', 'hybrid'])
+@pytest.mark.slow
 def test_smoke_preset_trains_every_network(experiment, tmp_path):
   config = experiment.get_config('smoke')
   config.num_epochs = 2
@@ -51,6 +52,7 @@ def test_smoke_preset_trains_every_network(experiment, tmp_path):
   assert len(list(tmp_path.glob('plugins/profile/*/*.xplane.pb'))) == 1  # profile_steps: one trace
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_one_json_line_and_keeps_it_for_report(tmp_path, launched_run):
   """On a run that launch.py trained (the launch and resume commands are the reliability tests'):
   one JSON line, appended to evaluations.jsonl; the compilation cache in the user's cache folder."""
@@ -76,6 +78,7 @@ def test_a_run_of_an_older_config_schema_is_refused_in_one_line(tmp_path):
     configuration.load_run_config(tmp_path)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_a_rerun_trains_nothing(tmp_path):
   config = vit.get_config('smoke')
   config.update({'num_epochs': 8, 'early_stopping_patience': 1, 'eval_test_every_epoch': False})
@@ -108,3 +111,14 @@ def test_evaluate_needs_no_optimizer_state_so_it_survives_a_changed_optimizer(tm
   (workdir / configuration.RUN_CONFIG_FILE).write_text(json.dumps(saved))
   after = evaluate(str(workdir), 'latest')
   assert (after['step'], after['loss'], after['accuracy']) == (before['step'], before['loss'], before['accuracy'])
+
+
+def test_the_gpu_preset_is_the_cpu_hybrid_in_bfloat16_on_an_image_folder():
+  gpu, cpu = hybrid.get_config('gpu'), hybrid.get_config('cpu')
+  assert gpu.model.dtype == 'bfloat16' and gpu.data.name == 'image_folder' and not gpu.budget_minutes
+  assert {**gpu.model.to_dict(), 'dtype': cpu.model.dtype} == cpu.model.to_dict()
+  assert (gpu.optimizer.to_dict(), gpu.batch_size) == (cpu.optimizer.to_dict(), cpu.batch_size)
+  configuration.validate(gpu, device_count=1, image_shape=(32, 32, 3))
+  for other in (vit, resnet50):
+    with pytest.raises(configuration.ConfigError, match="preset 'gpu' exists for configs/hybrid.py only"):
+      other.get_config('gpu')

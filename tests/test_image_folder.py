@@ -286,6 +286,7 @@ def cifar_shaped_folder(root, *, train_per_class: int, test_per_class: int) -> N
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
 
 
+@pytest.mark.slow
 def test_launch_evaluate_predict_and_benchmark_run_without_tensorflow(tmp_path, monkeypatch):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg_cache'))
   root, workdir = tmp_path / 'folder', tmp_path / 'run'

@@ -54,6 +54,7 @@ def assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
                                                      'workdir': str(workdir)}
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path, launched_run):
   """A SIGTERM (after step 5) saves, says how to resume and exits 0; the resumed run, killed with
   SIGKILL after step 13, loses at most the steps since its last complete checkpoint; the rerun ends
@@ -147,6 +148,7 @@ def vit_info(config):
   return data.dataset_info(config.data)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch):
   monkeypatch.setattr(loop, 'DIVERGED_LOSS_FACTOR', float('inf'))  # this run's huge finite losses would stop it first
   config = vit.get_config('smoke')
@@ -280,6 +282,7 @@ def wait_all(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: flo
   return [(logs / f'{i}.out').read_text() for i in range(len(processes))]
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_of_two_processes_stops_both_and_the_run_matches_one_process(tmp_path, launched_run):
   """Two processes of two devices, one of which gets a SIGTERM after step 5: both stop at the
   same step and save it together; rerun, they end where one process with the same four devices

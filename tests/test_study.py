@@ -49,6 +49,7 @@ def run_files(workdir: pathlib.Path) -> dict[str, str]:
           for path in sorted(workdir.glob('*/history.jsonl')) + sorted(workdir.glob('*/checkpoints/*/*'))}
 
 
+@pytest.mark.slow
 def test_the_installed_package_runs_the_study_from_any_directory(installed, tmp_path):
   """An installed package, run outside the repository: the presets travel with it (as
   hybridvit_jax.configs), and a rerun trains nothing. One network for time (the ViT smoke run of

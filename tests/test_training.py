@@ -284,6 +284,7 @@ def test_step_on_one_device_agrees_with_four_devices():
   assert float(metrics_one['loss']) == pytest.approx(float(metrics_four['loss']), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_alternate_flip_trains_on_the_batch_mirrored_as_alternating_flips_says():
   """An odd-epoch step with alternate_flip equals the flip-free step on the batch mirrored by hand."""
   mesh = loop.make_mesh()
@@ -380,6 +381,7 @@ def test_eval_step_averages_the_logits_of_views_shifted_before_normalisation(pad
                                             rel=1e-5)
 
 
+@pytest.mark.slow
 def test_stream_mode_trains_and_evaluates(tmp_path):
   config = smoke_config(num_epochs=1)
   config.data.input_mode = 'stream'
@@ -393,6 +395,7 @@ def test_stream_mode_trains_and_evaluates(tmp_path):
   assert record['train_loss'] < 100 and 0.0 <= record['train_accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
   config = smoke_config(num_epochs=2, ema_decay=0.9, eval_flip=True, eval_translate=1, label_smoothing=0.1)
   config.data.update({'randaugment_num_ops': 2, 'mixup_alpha': 0.8, 'cutmix_alpha': 1.0,
@@ -409,6 +412,7 @@ def test_full_recipe_trains_and_evaluates_the_ema_weights(tmp_path):
   assert ema['loss'] != trained['loss']  # two different sets of weights
 
 
+@pytest.mark.slow
 def test_fresh_run_fits_the_whitening_kernel_to_training_images_and_training_keeps_it(tmp_path):
   config = smoke_config(num_epochs=1)
   config.model.update({'name': 'hybrid', 'vit': {'patch_size': 1},  # 32 -> whitening 31 -> pools 15, 7
@@ -442,6 +446,7 @@ def test_lookahead_pulls_weights_and_batch_norm_statistics_to_the_slow_ones_ever
   assert values(state) == (1.0,) * 4 and int(state.model_state['count']) == 7
 
 
+@pytest.mark.slow
 def test_lookahead_run_starts_its_slow_weights_fitted_and_ends_on_them_beside_an_ema(tmp_path):
   config = smoke_config(num_epochs=1, lookahead_decay=0.8, lookahead_every_steps=2, ema_decay=0.9)
   config.model.update({'name': 'hybrid', 'vit': {'patch_size': 1},  # 32 -> whitening 31 -> pools 15, 7

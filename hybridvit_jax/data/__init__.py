@@ -1,4 +1,4 @@
-"""Data: tfds and synthetic sources read into numpy, JAX augmentation."""
+"""Data: tfds, image-folder and synthetic sources read into numpy, JAX augmentation."""
 
 from hybridvit_jax.data.augment import alternating_flips
 from hybridvit_jax.data.augment import augment
