@@ -7,12 +7,18 @@ whether to use TensorFlow by trying to import it. Stops at the first command tha
 and exits with its code; exits 3 if TensorFlow was imported nonetheless. One process for all the
 commands, so JAX starts once; each command's absl flags are removed before the next defines its own.
 """
+import importlib
 import importlib.machinery
 import pathlib
 import runpy
 import sys
 
-from absl import app, flags, logging  # their flags are defined once, before any command's
+from absl import flags
+
+# absl's app and logging define flags of their own when first imported: imported here, before any
+# command, they are not taken for a command's flags and removed after it.
+importlib.import_module('absl.app')
+importlib.import_module('absl.logging')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEPARATOR = ','

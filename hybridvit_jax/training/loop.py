@@ -5,6 +5,7 @@ time budget it calls (budget.TimeBudget); everything inside the jitted steps is 
 steps.py). The history file is history.py's, stop signals signals.py's, the host's pacing
 pacing.py's.
 """
+import dataclasses
 import functools
 import json
 import math
@@ -389,17 +390,36 @@ def make_time_budget(config: ml_collections.ConfigDict, meta: dict[str, Any], ev
                                                            batch_size=config.eval_batch_size, mesh=mesh))
 
 
-# ---------------------------------------------------------------------------------- train
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
+# ---------------------------------------------------------------------------------- set up
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a training session works with, made once by set_up_run: the data, the mesh, the jitted
+  steps and the run's files. The loop's changing values (state, step, ...) are not in it."""
 
-  Writes WORKDIR/config.json, history.jsonl (one record per epoch), TensorBoard event files
-  and checkpoints/. Returns the last history record (or {} when nothing was left to do).
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  info: data.DatasetInfo
+  mesh: jax.sharding.Mesh
+  train_input: inputs.TrainInput
+  eval_sources: dict[str, Callable[[], inputs.Batches]]
+  steps_per_epoch: int
+  max_total_steps: int  # num_epochs (or max_steps) worth of steps: the most any plan may take
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  checkpoints: RunCheckpoints
+  writer: writers.MetricWriter
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    return evaluate(self.eval_step, state, eval_sources=self.eval_sources, config=self.config, mesh=self.mesh)
+
+
+def set_up_run(config: ml_collections.ConfigDict,
+               workdir: pathlib.Path) -> tuple[Run, TrainState, dict[str, Any], int]:
+  """Checks `config` against the data and `workdir` before anything is written or compiled, then
+  builds the steps and restores the newest checkpoint (or a fresh state).
+
+  Returns (run, state, checkpoint meta, the run's total steps).
   """
-  workdir = pathlib.Path(workdir)
-  is_chief = jax.process_index() == 0
-
-  # -- config and data: every check happens before anything is written or compiled.
   info = prepared_dataset_info(config.data)
   configuration.validate(config, device_count=jax.device_count(), image_shape=info.image_shape)
   configuration.check_same_run(config, workdir)
@@ -409,37 +429,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = train_input.steps_per_epoch
   max_total_steps = config.num_epochs * steps_per_epoch
   max_total_steps = min(max_total_steps, config.max_steps or max_total_steps)
+  is_chief = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   if is_chief:
     configuration.save_run_config(config, workdir)
   init_state, train_step, eval_step = build_training(config, info, mesh, steps_per_epoch=steps_per_epoch)
-  evaluate_state = functools.partial(evaluate, eval_step, eval_sources=eval_sources, config=config, mesh=mesh)
 
-  # -- restore: the newest restorable checkpoint, or a fresh state.
   checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
   state, meta, total_steps = restore_or_init(config, checkpoints, init_state, info=info, mesh=mesh,
                                              train_input=train_input, max_total_steps=max_total_steps)
-  start_step = int(state.step)
   if is_chief:
-    history.truncate_history(workdir, start_step)
+    history.truncate_history(workdir, int(state.step))
     parameter_overview.log_parameter_overview(state.params)
-  writer = make_writer(config, workdir, fresh=start_step == 0)
-  progress = writers.ProgressReport(writer, total_steps)
+  run = Run(config=config, workdir=workdir, info=info, mesh=mesh, train_input=train_input,
+            eval_sources=eval_sources, steps_per_epoch=steps_per_epoch, max_total_steps=max_total_steps,
+            train_step=train_step, eval_step=eval_step, checkpoints=checkpoints,
+            writer=make_writer(config, workdir, fresh=int(state.step) == 0))
   if stopped_early(config, meta):
     logging.info('this run stopped early (no better %s for %d evaluations): nothing to train',
                  config.best_checkpoint_metric, meta['epochs_without_improvement'])
-    total_steps = start_step
+    total_steps = int(state.step)
+  return run, state, meta, total_steps
+
+
+def close_run(run: Run, state: TrainState, step: int, *, stopping: bool, stop: signals.StopRequest,
+              meta_to_save: Callable[[], dict[str, Any]], profile: 'StepProfile') -> None:
+  """A session's end, however it ends: a stopped run's checkpoint (every process saves this step
+  together), the pending saves, the writer and profile closed; only then the default signal
+  handlers back, so that a signal during those saves cannot kill them."""
+  try:
+    if stopping:
+      check_finite(state, run.config, run.checkpoints)
+      run.checkpoints.save(step, state, meta_to_save())
+    run.checkpoints.wait()
+    run.checkpoints.close()
+    run.writer.close()
+    profile.close(step)
+  finally:
+    stop.restore_handlers()
+
+
+# ---------------------------------------------------------------------------------- train
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Writes WORKDIR/config.json, history.jsonl (one record per epoch), TensorBoard event files
+  and checkpoints/. Returns the last history record (or {} when nothing was left to do).
+  """
+  # -- set up and restore: every check happens before anything is written or compiled.
+  run, state, meta, total_steps = set_up_run(config, pathlib.Path(workdir))
+  checkpoints, steps_per_epoch = run.checkpoints, run.steps_per_epoch
+  start_step = int(state.step)
+  progress = writers.ProgressReport(run.writer, total_steps)
 
   # -- time budget (budget.py): the steps that fit are planned from the first steps' speed, and
   # again at every evaluation and periodic checkpoint; at the deadline (the budget less the last
   # evaluation) the run ends wherever it is.
-  stop, stopping = signals.StopRequest(mesh), False  # `stopping`: agreed by every process
-  profile = StepProfile(config.profile_steps, workdir, start_step)
+  stop, stopping = signals.StopRequest(run.mesh), False  # `stopping`: agreed by every process
+  profile = StepProfile(config.profile_steps, run.workdir, start_step)
   record: dict[str, Any] = {}
   session_start = time.time() - meta['elapsed_s']
-  time_budget = make_time_budget(config, meta, eval_step, eval_sources, mesh=mesh, start_step=start_step,
-                                 max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
-                                 session_start=session_start)
+  time_budget = make_time_budget(config, meta, run.eval_step, run.eval_sources, mesh=run.mesh,
+                                 start_step=start_step, max_total_steps=run.max_total_steps,
+                                 steps_per_epoch=steps_per_epoch, session_start=session_start)
+  meta_to_save = lambda: checkpoint_meta(meta, time_budget, time.time() - session_start)  # pylint: disable=unnecessary-lambda-assignment
 
   # -- loop: an epoch's steps (each logged, checkpointed, budgeted as due), then its evaluation.
   step = start_step
@@ -450,10 +503,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics = TrainMetrics.empty()
       epoch_start, epoch_first_step = time.time(), step
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-      for step_inputs in train_input.epoch(epoch, first_step=step - epoch * steps_per_epoch):
+      for step_inputs in run.train_input.epoch(epoch, first_step=step - epoch * steps_per_epoch):
         if step >= epoch_end or stopping:
           break
-        state, metrics = train_step(state, metrics, *step_inputs, total_steps=total_steps)
+        state, metrics = run.train_step(state, metrics, *step_inputs, total_steps=total_steps)
         step += 1
         pacer.after_step(state, step)
         profile.after_step(state, step)
@@ -466,16 +519,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         # -- log.
         if step % config.log_every_steps == 0:
-          log_train_metrics(state, metrics, step, config=config, num_classes=info.num_classes,
-                            checkpoints=checkpoints, writer=writer, progress=progress, steps_per_epoch=steps_per_epoch,
-                            total_steps=total_steps)
+          log_train_metrics(state, metrics, step, config=config, num_classes=run.info.num_classes,
+                            checkpoints=checkpoints, writer=run.writer, progress=progress,
+                            steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
         # -- periodic checkpoint; the time budget plans again, as at an evaluation.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
           check_finite(state, config, checkpoints)
           total_steps = follow_plan(time_budget.at_checkpoint(step), total_steps, progress)
           epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-          checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
+          checkpoints.save(step, state, meta_to_save())
       if stopping and step < epoch_end:  # a stop at an epoch's end first records the epoch's evaluation
         break
 
@@ -483,33 +536,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # end also evaluate and record.
       check_finite(state, config, checkpoints)
       if (epoch + 1) % config.eval_every_epochs and step < total_steps:
-        checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
+        checkpoints.save(step, state, meta_to_save())
         logging.info('epoch %d done at step %d (next evaluation after epoch %d)', epoch + 1, step,
                      (epoch + 1 + config.eval_every_epochs) // config.eval_every_epochs * config.eval_every_epochs)
         continue
       record, new_total_steps = evaluate_and_record(
-          state, metrics, config=config, evaluate_state=evaluate_state, time_budget=time_budget, epoch=epoch,
+          state, metrics, config=config, evaluate_state=run.evaluate, time_budget=time_budget, epoch=epoch,
           step=step, epoch_first_step=epoch_first_step, epoch_start=epoch_start, steps_per_epoch=steps_per_epoch,
           total_steps=total_steps, session_start=session_start)
       total_steps = follow_plan(new_total_steps, total_steps, progress)
       improved, meta = rank_evaluation({**meta, **time_budget.state_dict()}, record, config.best_checkpoint_metric)
       checkpoints.save(step, state, checkpoint_meta(meta, time_budget, record['elapsed_s']), best=improved)
-      publish_record(record, workdir, writer)
+      publish_record(record, run.workdir, run.writer)
       if stopped_early(config, meta):
         logging.info('early stopping: %s has not improved for %d evaluations', config.best_checkpoint_metric,
                      meta['epochs_without_improvement'])
         break
   finally:
-    try:
-      if stopping:  # every process saves this step together
-        check_finite(state, config, checkpoints)
-        checkpoints.save(step, state, checkpoint_meta(meta, time_budget, time.time() - session_start))
-      checkpoints.wait()
-      checkpoints.close()
-      writer.close()
-      profile.close(step)
-    finally:
-      stop.restore_handlers()  # only now: a signal during the saves above must not kill them
+    close_run(run, state, step, stopping=stopping, stop=stop, meta_to_save=meta_to_save, profile=profile)
   if stop or stopping:
     print(f'stopped at step {step} ({stop.signal_name or "a signal to another process"}); '
           'run the same command to resume', flush=True)
