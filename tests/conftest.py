@@ -46,8 +46,19 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: an end-to-end run of ten seconds or more; run with --slow')
 
 
+# Fixtures that train or time a run, shared by several tests: the tests using one go to one worker
+# (pyproject's `--dist loadgroup`), which makes it once.
+SHARED_RUNS = ('vit_smoke_run', 'launched_run', 'smoke_result')
+
+
 def pytest_collection_modifyitems(config, items):
-  """Skips the slow tests unless --slow: `pytest` stays a few minutes, `.ci/run` runs them all."""
+  """Groups the tests of each shared run on one worker, and skips the slow tests unless --slow:
+  `pytest` stays a few minutes, `.ci/run` runs them all."""
+  for item in items:
+    for fixture in SHARED_RUNS:
+      if fixture in item.fixturenames:
+        item.add_marker(pytest.mark.xdist_group(fixture))
+        break
   if config.getoption('--slow'):
     return
   skip = pytest.mark.skip(reason='slow: run with --slow, as CI does')

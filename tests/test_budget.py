@@ -120,6 +120,7 @@ def test_plan_at_an_evaluation_moves_the_end_and_a_resumed_run_keeps_it(tmp_path
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), first)
 
 
+@pytest.mark.slow
 def test_plan_at_a_periodic_checkpoint_moves_the_end_before_any_evaluation(tmp_path, monkeypatch):
   # One evaluation, at the end: a plan from slow first steps would otherwise never be corrected.
   planned = []

@@ -93,6 +93,7 @@ def test_early_stopping_stops_and_a_rerun_trains_nothing(tmp_path):
   assert len(read_history(tmp_path)) == len(accuracies)
 
 
+@pytest.mark.slow
 def test_eval_every_epochs_records_every_nth_epoch_and_the_last_but_checkpoints_every_epoch(tmp_path):
   config = vit.get_config('smoke')
   config.update({'num_epochs': 3, 'eval_every_epochs': 2, 'eval_test_every_epoch': False, 'keep_checkpoints': 3})

@@ -223,6 +223,7 @@ def test_bad_input_exits_2_from_the_command_with_one_error_line(override, messag
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_a_diverged_run_exits_1_naming_the_step(tmp_path, capsys):
   config = vit.get_config('smoke')
   config.update({'log_every_steps': 1})
@@ -232,9 +233,9 @@ def test_a_diverged_run_exits_1_naming_the_step(tmp_path, capsys):
   assert stderr.strip().splitlines()[-1].startswith('error: training diverged: train loss '), stderr[-2000:]
 
 
-def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path, launched_run, capsys):
+def test_workdir_with_an_incompatible_run_is_left_untouched(tmp_path, vit_smoke_run, capsys):
   workdir = tmp_path / 'run'
-  shutil.copytree(launched_run, workdir)
+  shutil.copytree(vit_smoke_run[0], workdir)
   before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
   from hybridvit_jax.configs import hybrid  # pylint: disable=import-outside-toplevel
   code, stderr = run_train_main(hybrid.get_config('smoke'), workdir, capsys)
