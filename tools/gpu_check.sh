@@ -6,8 +6,9 @@
 #   tools/gpu_check.sh --download-wheels=DIR          # on a machine with internet, beforehand
 #
 # The machine needs Python >= 3.11 with JAX (CUDA), Flax, Optax, Orbax, Pillow, numpy, absl,
-# etils, protobuf, tensorboard and pytest, and PyTorch + timm for the side-by-side steps; no
-# TensorFlow, no internet. --wheels=DIR installs the rest from wheels made beforehand with
+# etils, protobuf, six, tensorboard, pytest (+ pytest-xdist, hypothesis) and setuptools >= 70.1
+# (it builds the editable install without `wheel`), and PyTorch + timm for the side-by-side
+# steps; no TensorFlow, no internet. Checked on CPU in such an environment (--dry-run). --wheels=DIR installs the rest from wheels made beforehand with
 # --download-wheels (pure Python, so any platform's download serves): clu, ml-collections,
 # tensorflow-datasets, tensorflow-metadata, googleapis-common-protos, immutabledict, promise
 # and toml; then this package, editable; all into $PYTHON's environment with --no-deps, so the
