@@ -1,0 +1,39 @@
+"""Forward and forward+backward of ViT-Ti/4 at batch 128 on this machine, with one piece swapped out.
+
+    python benchmarks/vit_step_parts.py baseline|no_attention|relu|no_layernorm
+
+One JSON line: the median ms of the jitted loss and of its gradient (4 calls after one). The
+results and what they taught: docs/experiments/vit-cpu-step.md.
+"""
+import json
+import statistics
+import sys
+import time
+
+import jax
+import optax
+from flax import nnx
+from hybridvit_jax import models
+
+variant = sys.argv[1]
+if variant == 'no_attention':
+  jax.nn.dot_product_attention = lambda q, k, v, *a, **kw: v
+elif variant == 'relu':
+  nnx.gelu = lambda x, approximate=False: jax.nn.relu(x)
+elif variant == 'no_layernorm':
+  nnx.LayerNorm.__call__ = lambda self, x: x
+cfg = models.variant_config('vit_ti4')
+model = models.create_model(cfg, num_classes=10, image_shape=(32, 32, 3), rngs=nnx.Rngs(0))
+graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+images = jax.random.normal(jax.random.key(0), (128, 32, 32, 3))
+labels = jax.random.randint(jax.random.key(1), (128,), 0, 10)
+def loss_fn(params):
+  logits = nnx.merge(graphdef, params, rest)(images, train=False)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+forward, grads = jax.jit(loss_fn), jax.jit(jax.grad(loss_fn))
+def timed(fn, *args, n=4):
+  jax.block_until_ready(fn(*args)); ts = []
+  for _ in range(n):
+    t = time.perf_counter(); jax.block_until_ready(fn(*args)); ts.append(time.perf_counter() - t)
+  return round(statistics.median(ts) * 1000, 1)
+print(json.dumps({'variant': variant, 'forward_ms': timed(forward, params), 'forward_backward_ms': timed(grads, params)}), flush=True)
