@@ -1,6 +1,6 @@
 """Forward and forward+backward of ViT-Ti/4 at batch 128 on this machine, with one piece swapped out.
 
-    python benchmarks/vit_step_parts.py baseline|no_attention|relu|no_layernorm
+    python benchmarks/vit_step_parts.py baseline|no_attention|relu|no_layernorm|patch_matmul_conv
 
 One JSON line: the median ms of the jitted loss and of its gradient (4 calls after one). The
 results and what they taught: docs/experiments/vit-cpu-step.md.
@@ -14,6 +14,7 @@ import jax
 import optax
 from flax import nnx
 from hybridvit_jax import models
+from hybridvit_jax.models import layers
 
 variant = sys.argv[1]
 if variant == 'no_attention':
@@ -24,6 +25,8 @@ elif variant == 'no_layernorm':
   nnx.LayerNorm.__call__ = lambda self, x: x
 cfg = models.variant_config('vit_ti4')
 model = models.create_model(cfg, num_classes=10, image_shape=(32, 32, 3), rngs=nnx.Rngs(0))
+if variant == 'patch_matmul_conv':  # the patch embedding through layers.matmul_conv, not XLA's conv
+  model.patch_embedding.conv_general_dilated = layers.matmul_conv
 graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 images = jax.random.normal(jax.random.key(0), (128, 32, 32, 3))
 labels = jax.random.randint(jax.random.key(1), (128,), 0, 10)
