@@ -200,6 +200,7 @@ def test_synthetic_split_is_deterministic():
     ('train[:90%]', 461), ('train[400:]', 112), ('train[:10]', 10), ('test', 256), ('train[:4]+test[-3:]', 7)])
 def test_synthetic_split_slicing(split, size):
   assert len(data.load_split(data_config(name='synthetic'), split)['label']) == size
+  assert data.split_size(data_config(name='synthetic'), split) == size  # counted without reading
 
 
 def test_synthetic_slices_are_parts_of_the_split():

@@ -117,6 +117,7 @@ def test_grayscale_images_become_rgb(tmp_path, monkeypatch):
 def test_split_specs_slice_the_full_splits(root, spec, expected):
   full = {split: source.load_split(data_config(root), split) for split in ('train', 'test')}
   part = source.load_split(data_config(root), spec)
+  assert source.split_size(data_config(root), spec) == len(part['label'])
   for key in ('image', 'label'):
     np.testing.assert_array_equal(
         part[key], np.concatenate([full[split][key][start:stop] for split, start, stop in expected]))

@@ -15,6 +15,7 @@ from hybridvit_jax.data.source import DataError
 from hybridvit_jax.data.source import dataset_info
 from hybridvit_jax.data.source import DatasetInfo
 from hybridvit_jax.data.source import load_split
+from hybridvit_jax.data.source import split_size
 
 __all__ = [
     'DataError',
@@ -30,6 +31,7 @@ __all__ = [
     'normalize',
     'rand_augment',
     'random_erasing',
+    'split_size',
     'test_time_views',
     'translate',
 ]

@@ -24,7 +24,6 @@ from absl import logging
 import ml_collections
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds  # split-spec parsing only; it does not import TensorFlow
 
 from hybridvit_jax.data import source
 
@@ -86,8 +85,8 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> source.DatasetInfo:
 def load_split(data_config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
   """The examples of a split spec such as 'train[:45000]', 'train[45000:]' or 'test[:10%]'.
 
-  Slices follow tfds's split syntax, '+' included, over the full splits 'train' and 'test',
-  with the same mechanism as the synthetic source. A bad spec raises tfds's ValueError.
+  Slices follow tfds's split syntax, '+' included, over the full splits 'train' and 'test'
+  (source.sliced_split, as for the synthetic source). A bad spec raises tfds's ValueError.
 
   Returns:
     {'image': uint8 [N, H, W, 3], 'label': int32 [N]}, in each full split's fixed shuffled
@@ -95,19 +94,14 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> dict[str, 
   """
   root = _root(data_config)
   listings = {name: _list_split(root, name) for name in SPLITS}
-  split_infos = {
-      name: tfds.core.SplitInfo(name=name, shard_lengths=[len(listing.paths)], num_bytes=0)
-      for name, listing in listings.items()
-  }
-  instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos)
-  # Each full split is read at most once, however many slices of it the spec names.
-  full = {name: _read_cache(_prepared_cache(listings[name]))
-          for name in {instruction.splitname for instruction in instructions}}
-  return {
-      key: np.concatenate([full[instruction.splitname][key][instruction.from_:instruction.to]
-                           for instruction in instructions])
-      for key in ('image', 'label')
-  }
+  return source.sliced_split(split, {name: len(listing.paths) for name, listing in listings.items()},
+                             lambda name: _read_cache(_prepared_cache(listings[name])))
+
+
+def full_split_sizes(data_config: ml_collections.ConfigDict) -> dict[str, int]:
+  """The number of images of each full split, from the folder's listing (nothing decoded)."""
+  root = _root(data_config)
+  return {name: len(_list_split(root, name).paths) for name in SPLITS}
 
 
 # --- listing the folder ------------------------------------------------------

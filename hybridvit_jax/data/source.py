@@ -13,6 +13,7 @@ labels int32 [N], in a deterministic order.
 
 import dataclasses
 import os
+from typing import Callable
 
 from absl import logging
 import ml_collections
@@ -86,6 +87,43 @@ def load_split(
 def in_memory(data_config: ml_collections.ConfigDict) -> bool:
   """Whether the source builds its splits as numpy arrays in-process, without TensorFlow."""
   return data_config.name in (SYNTHETIC_NAME, IMAGE_FOLDER_NAME)
+
+
+def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """The number of examples of a split spec, without reading them (a tfds data set's from its
+  metadata, an in-memory source's from its full splits' sizes). A bad spec raises ValueError."""
+  if data_config.name == SYNTHETIC_NAME:
+    sizes = _synthetic_split_sizes(data_config)
+  elif data_config.name == IMAGE_FOLDER_NAME:
+    sizes = _image_folder().full_split_sizes(data_config)
+  else:
+    return prepared_builder(data_config).info.splits[split].num_examples
+  # from_ / to may be None (an open end), so each slice is measured as the slicing does it.
+  return sum(len(range(sizes[instruction.splitname])[instruction.from_:instruction.to])
+             for instruction in _absolute_instructions(split, sizes))
+
+
+def sliced_split(split: str, sizes: dict[str, int],
+                 read_full: Callable[[str], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """The examples of tfds split spec `split` ('train[:90%]', 'train[:10]+test', ...) over full
+  splits of `sizes` examples, read_full(name) giving a full split's arrays; each full split is
+  read at most once, however many slices of it the spec names. A bad spec raises ValueError.
+
+  Returns:
+    {'image': [N, ...], 'label': [N]}: the slices, concatenated in the spec's order.
+  """
+  instructions = _absolute_instructions(split, sizes)
+  full = {name: read_full(name) for name in {instruction.splitname for instruction in instructions}}
+  return {key: np.concatenate([full[instruction.splitname][key][instruction.from_:instruction.to]
+                               for instruction in instructions])
+          for key in ('image', 'label')}
+
+
+def _absolute_instructions(split: str, sizes: dict[str, int]) -> list:
+  """tfds's absolute read instructions (splitname, from_, to) of `split` over splits of `sizes`."""
+  split_infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0)
+                 for name, size in sizes.items()}
+  return tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos)
 
 
 def _image_folder():
@@ -279,39 +317,18 @@ def _synthetic_info() -> DatasetInfo:
   )
 
 
+def _synthetic_split_sizes(data_config: ml_collections.ConfigDict) -> dict[str, int]:
+  """The full synthetic splits' sizes: data.synthetic_train_examples and synthetic_test_examples."""
+  return {'train': data_config.synthetic_train_examples, 'test': data_config.synthetic_test_examples}
+
+
 def _synthetic_split(
     data_config: ml_collections.ConfigDict, split: str
 ) -> dict[str, np.ndarray]:
-  """The examples of a synthetic split spec, e.g. 'train[:90%]' or 'test'.
-
-  Slices follow tfds's split syntax, '+' included, applied to the full splits
-  'train' (data.synthetic_train_examples) and 'test'
-  (data.synthetic_test_examples).
-  """
-  split_sizes = {
-      'train': data_config.synthetic_train_examples,
-      'test': data_config.synthetic_test_examples,
-  }
-  split_infos = {
-      name: tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0)
-      for name, size in split_sizes.items()
-  }
-  instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
-      split_infos
-  )
-  parts = [
-      _synthetic_examples(
-          instruction.splitname, split_sizes[instruction.splitname]
-      )
-      for instruction in instructions
-  ]
-  return {
-      key: np.concatenate([
-          part[key][instruction.from_ : instruction.to]
-          for part, instruction in zip(parts, instructions)
-      ])
-      for key in ('image', 'label')
-  }
+  """The examples of a synthetic split spec, e.g. 'train[:90%]' or 'test', sliced from the full
+  splits 'train' (data.synthetic_train_examples) and 'test' (data.synthetic_test_examples)."""
+  sizes = _synthetic_split_sizes(data_config)
+  return sliced_split(split, sizes, lambda name: _synthetic_examples(name, sizes[name]))
 
 
 def _synthetic_templates() -> np.ndarray:

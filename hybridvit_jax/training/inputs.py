@@ -72,22 +72,16 @@ def _checked_split(data_config: ml_collections.ConfigDict, split: str, read: Cal
   return result
 
 
-def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
-  """The number of examples of `split` (a tfds data set's from its metadata)."""
-  if source.in_memory(data_config):
-    return len(data.load_split(data_config, split)['label'])
-  return source.prepared_builder(data_config).info.splits[split].num_examples
-
-
 def eval_batches_source(data_config: ml_collections.ConfigDict, split: str, batch_size: int, *,
                         flag: str) -> Callable[[], Batches]:
   """A function that yields every example of `split` once, in order, in batches of at most
-  `batch_size`, in both input modes: from the source's arrays, or streamed by tf.data for a tfds
-  data set (nothing kept in memory between evaluations). A bad or empty split is a ConfigError
-  naming `flag` (the key or flag that chose it)."""
-  _checked_split(data_config, split, split_size, flag)
+  `batch_size`, in both input modes: from the source's arrays, read once here, or streamed by
+  tf.data for a tfds data set (nothing kept in memory between evaluations). A bad or empty split
+  is a ConfigError naming `flag` (the key or flag that chose it)."""
   if source.in_memory(data_config):
-    return lambda: array_batches(data.load_split(data_config, split), batch_size)
+    arrays = _checked_split(data_config, split, data.load_split, flag)
+    return lambda: array_batches(arrays, batch_size)
+  _checked_split(data_config, split, source.split_size, flag)
   from hybridvit_jax.data import stream  # pylint: disable=import-outside-toplevel  # TensorFlow, only here
   return lambda: stream.eval_batches(data_config, split, batch_size)
 
@@ -100,7 +94,7 @@ class TrainInput:
     self.config = config
     self.mesh = mesh
     if config.data.input_mode == 'stream':
-      self.num_examples = _checked_split(config.data, config.data.train_split, split_size, _TRAIN_SPLIT_FLAG)
+      self.num_examples = _checked_split(config.data, config.data.train_split, source.split_size, _TRAIN_SPLIT_FLAG)
       self.steps_per_epoch = self.num_examples // jax.process_count() // self.local_batch_size
     else:
       arrays = _checked_split(config.data, config.data.train_split, data.load_split, _TRAIN_SPLIT_FLAG)

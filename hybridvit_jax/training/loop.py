@@ -115,7 +115,7 @@ def evaluation_batches(config: ml_collections.ConfigDict, splits) -> int:
   """The eval_step calls one evaluation of the named `splits` makes (twice as many with EMA
   weights): what a time budget's plans count an evaluation by."""
   return (2 if config.ema_decay else 1) * sum(
-      math.ceil(inputs.split_size(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
+      math.ceil(data.split_size(config.data, config.data[f'{split}_split']) / config.eval_batch_size)
       for split in splits)
 
 
