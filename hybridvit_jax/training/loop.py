@@ -266,20 +266,19 @@ def learning_rates(opt_config: ml_collections.ConfigDict, step: int, *, steps_pe
   return rates
 
 
-def log_train_metrics(state: TrainState, metrics: TrainMetrics, step: int, *,
-                      config: ml_collections.ConfigDict, num_classes: int, checkpoints: RunCheckpoints,
-                      writer: writers.MetricWriter, progress: writers.ProgressReport, steps_per_epoch: int,
-                      total_steps: int) -> None:
+def log_train_metrics(run: 'Run', state: TrainState, metrics: TrainMetrics, step: int, *,
+                      progress: writers.ProgressReport, total_steps: int) -> None:
   """At a log step: stops a run whose loss is non-finite or diverged (check_finite,
   check_not_diverged), writes the epoch's train metrics so far (train_loss, train_accuracy,
   train_grad_norm) and the learning rates, and reports progress."""
-  check_finite(state, config, checkpoints)  # waits for the step: the host is not ahead here
+  config = run.config
+  check_finite(state, config, run.checkpoints)  # waits for the step: the host is not ahead here
   train_metrics = metrics.compute()
-  writer.write_scalars(step, {**{f'train_{k}': v for k, v in train_metrics.items()},
-                              **learning_rates(config.optimizer, step - 1, steps_per_epoch=steps_per_epoch,
-                                               total_steps=total_steps)})
-  check_not_diverged(float(train_metrics['loss']), step, num_classes=num_classes, config=config,
-                     checkpoints=checkpoints)
+  run.writer.write_scalars(step, {**{f'train_{k}': v for k, v in train_metrics.items()},
+                                  **learning_rates(config.optimizer, step - 1, steps_per_epoch=run.steps_per_epoch,
+                                                   total_steps=total_steps)})
+  check_not_diverged(float(train_metrics['loss']), step, num_classes=run.info.num_classes, config=config,
+                     checkpoints=run.checkpoints)
   progress(step)  # here, so steps/s and the time left count finished steps, not dispatched ones
 
 
@@ -375,19 +374,18 @@ def follow_plan(planned: int | None, total_steps: int, progress: writers.Progres
   return planned
 
 
-def make_time_budget(config: ml_collections.ConfigDict, meta: dict[str, Any], eval_step,
-                     eval_sources: dict[str, Callable[[], inputs.Batches]], *, mesh: jax.sharding.Mesh,
-                     start_step: int, max_total_steps: int, steps_per_epoch: int,
+def make_time_budget(run: 'Run', meta: dict[str, Any], *, start_step: int,
                      session_start: float) -> budget.TimeBudget | budget.NoTimeBudget:
   """The run's time budget, continuing the plan kept in checkpoint `meta`; a run without
   config.budget_minutes gets one that does nothing."""
+  config = run.config
   if not config.budget_minutes:
     return budget.NoTimeBudget()
   return budget.TimeBudget.from_meta(
-      meta, config, start_step=start_step, max_total_steps=max_total_steps, steps_per_epoch=steps_per_epoch,
-      eval_batches=evaluation_batches(config, eval_sources), session_start=session_start,
-      time_eval_batch=lambda state: seconds_per_eval_batch(eval_step, state, eval_sources['val'](),
-                                                           batch_size=config.eval_batch_size, mesh=mesh))
+      meta, config, start_step=start_step, max_total_steps=run.max_total_steps, steps_per_epoch=run.steps_per_epoch,
+      eval_batches=evaluation_batches(config, run.eval_sources), session_start=session_start,
+      time_eval_batch=lambda state: seconds_per_eval_batch(run.eval_step, state, run.eval_sources['val'](),
+                                                           batch_size=config.eval_batch_size, mesh=run.mesh))
 
 
 # ---------------------------------------------------------------------------------- set up
@@ -469,6 +467,27 @@ def close_run(run: Run, state: TrainState, step: int, *, stopping: bool, stop: s
     stop.restore_handlers()
 
 
+def record_evaluation(run: Run, state: TrainState, metrics: TrainMetrics, meta: dict[str, Any],
+                      time_budget: budget.TimeBudget | budget.NoTimeBudget, progress: writers.ProgressReport, *,
+                      epoch: int, step: int, epoch_first_step: int, epoch_start: float, total_steps: int,
+                      session_start: float) -> tuple[dict[str, Any], dict[str, Any], int]:
+  """An epoch's evaluation (evaluate_and_record), ranked against the best so far, checkpointed (as
+  the best if it is), appended to the history and written to TensorBoard.
+
+  Returns (the history record, the checkpoint meta, the run's total steps after the time budget's
+  new plan).
+  """
+  record, planned = evaluate_and_record(
+      state, metrics, config=run.config, evaluate_state=run.evaluate, time_budget=time_budget, epoch=epoch,
+      step=step, epoch_first_step=epoch_first_step, epoch_start=epoch_start, steps_per_epoch=run.steps_per_epoch,
+      total_steps=total_steps, session_start=session_start)
+  total_steps = follow_plan(planned, total_steps, progress)
+  improved, meta = rank_evaluation({**meta, **time_budget.state_dict()}, record, run.config.best_checkpoint_metric)
+  run.checkpoints.save(step, state, checkpoint_meta(meta, time_budget, record['elapsed_s']), best=improved)
+  publish_record(record, run.workdir, run.writer)
+  return record, meta, total_steps
+
+
 # ---------------------------------------------------------------------------------- train
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
@@ -489,9 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   profile = StepProfile(config.profile_steps, run.workdir, start_step)
   record: dict[str, Any] = {}
   session_start = time.time() - meta['elapsed_s']
-  time_budget = make_time_budget(config, meta, run.eval_step, run.eval_sources, mesh=run.mesh,
-                                 start_step=start_step, max_total_steps=run.max_total_steps,
-                                 steps_per_epoch=steps_per_epoch, session_start=session_start)
+  time_budget = make_time_budget(run, meta, start_step=start_step, session_start=session_start)
   meta_to_save = lambda: checkpoint_meta(meta, time_budget, time.time() - session_start)  # pylint: disable=unnecessary-lambda-assignment
 
   # -- loop: an epoch's steps (each logged, checkpointed, budgeted as due), then its evaluation.
@@ -519,9 +536,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         # -- log.
         if step % config.log_every_steps == 0:
-          log_train_metrics(state, metrics, step, config=config, num_classes=run.info.num_classes,
-                            checkpoints=checkpoints, writer=run.writer, progress=progress,
-                            steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+          log_train_metrics(run, state, metrics, step, progress=progress, total_steps=total_steps)
 
         # -- periodic checkpoint; the time budget plans again, as at an evaluation.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < epoch_end:
@@ -540,14 +555,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info('epoch %d done at step %d (next evaluation after epoch %d)', epoch + 1, step,
                      (epoch + 1 + config.eval_every_epochs) // config.eval_every_epochs * config.eval_every_epochs)
         continue
-      record, new_total_steps = evaluate_and_record(
-          state, metrics, config=config, evaluate_state=run.evaluate, time_budget=time_budget, epoch=epoch,
-          step=step, epoch_first_step=epoch_first_step, epoch_start=epoch_start, steps_per_epoch=steps_per_epoch,
-          total_steps=total_steps, session_start=session_start)
-      total_steps = follow_plan(new_total_steps, total_steps, progress)
-      improved, meta = rank_evaluation({**meta, **time_budget.state_dict()}, record, config.best_checkpoint_metric)
-      checkpoints.save(step, state, checkpoint_meta(meta, time_budget, record['elapsed_s']), best=improved)
-      publish_record(record, run.workdir, run.writer)
+      record, meta, total_steps = record_evaluation(
+          run, state, metrics, meta, time_budget, progress, epoch=epoch, step=step, epoch_first_step=epoch_first_step,
+          epoch_start=epoch_start, total_steps=total_steps, session_start=session_start)
       if stopped_early(config, meta):
         logging.info('early stopping: %s has not improved for %d evaluations', config.best_checkpoint_metric,
                      meta['epochs_without_improvement'])
