@@ -1,18 +1,19 @@
 """tools/gpu_check.sh: its CPU dry run passes every stage, and bad arguments are one line."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, run_command
+from conftest import REPO
 
 
-def gpu_check(*args: str):
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
   """tools/gpu_check.sh ARGS with this test process's Python and environment."""
-  return run_command('-c', 'import os, sys; os.execvp("bash", ["bash", *sys.argv[1:]])',
-                     str(REPO / 'tools' / 'gpu_check.sh'), *args,
-                     env={**os.environ, 'PYTHON': sys.executable})
+  return subprocess.run(['bash', str(REPO / 'tools' / 'gpu_check.sh'), *args], cwd=REPO,
+                        env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True,
+                        timeout=600)
 
 
 @pytest.mark.slow

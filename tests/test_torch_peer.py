@@ -4,13 +4,13 @@ must match, and, where PyTorch and timm are installed, its networks' counts and 
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SCRIPT = 'benchmarks/torch_peer.py'
 MISSING_LINE = 'error: torch_peer needs PyTorch and timm: pip install torch timm'
 # models.count_params of each network on 32x32x3 images and 10 classes; the peer's timm networks

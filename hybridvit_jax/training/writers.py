@@ -1,4 +1,4 @@
-"""The run's metric writer, progress report and profile trace, without TensorFlow.
+"""The run's metric writer and progress report, without TensorFlow.
 
 Written by hand because clu's metric_writers and periodic_actions import TensorFlow on import
 (their writer is tf.summary), which accelerator images without TensorFlow lack. The event files
