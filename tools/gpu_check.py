@@ -148,6 +148,11 @@ def image_folder(check: Check) -> pathlib.Path:
   return root
 
 
+def timing_flags(check: Check) -> list[str]:
+  """The timed and untimed steps of the benchmark and torch stages (few in a dry run)."""
+  return ['--steps=2', '--warmup=1'] if check.args.dry_run else ['--steps=20', '--warmup=3']
+
+
 def data_flags(check: Check, root: pathlib.Path) -> list[str]:
   flags = ['--config.data.name=image_folder', f'--config.data.data_dir={root}']
   return flags + list(DRY_RUN_SPLITS) if check.args.dry_run and not check.args.data else flags
@@ -213,7 +218,7 @@ def evaluate(check: Check) -> None:
 
 def benchmark(check: Check) -> list[dict]:
   root = image_folder(check)
-  steps = ['--steps=2', '--warmup=1'] if check.args.dry_run else ['--steps=20', '--warmup=3']
+  steps = timing_flags(check)
   lines = []
   for model, dtype in check.args.benchmarks:
     name = f'benchmark_{model}_{dtype}'
@@ -228,7 +233,7 @@ def benchmark(check: Check) -> list[dict]:
 
 
 def torch(check: Check, benchmarks: list[dict]) -> None:
-  steps = ['--steps=2', '--warmup=1'] if check.args.dry_run else ['--steps=20', '--warmup=3']
+  steps = timing_flags(check)
   device = 'cpu' if check.args.dry_run else 'cuda'
   comparable = [line for line in benchmarks if line['model'] in TORCH_MODELS]
   if not comparable:
