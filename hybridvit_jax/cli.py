@@ -1,9 +1,13 @@
 """What every command-line entry point shares: flag parsing, multi-process start-up, and
 turning bad input into one line on stderr with exit code 2."""
+import ctypes
 import difflib
+import importlib.metadata
 import importlib.util
 import logging as python_logging
 import os
+import pkgutil
+import platform
 import re
 import sys
 
@@ -45,6 +49,45 @@ def use_compilation_cache(enabled: bool) -> None:
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache_home, 'hybridvit_jax', 'jax'))
 
 
+# glibc mallopt parameters (malloc.h): arenas, large allocations by mmap, returning the heap's top.
+_M_ARENA_MAX, _M_MMAP_MAX, _M_TRIM_THRESHOLD = -8, -4, -1
+
+
+def keep_freed_host_memory() -> bool:
+  """Makes glibc keep freed memory for reuse when the computation runs on the CPU; returns whether
+  it did. Call it before JAX's backend starts (its threads take their malloc arenas then).
+
+  XLA:CPU allocates each step's temporaries (gigabytes for a Transformer's backward pass) with
+  malloc and frees them after the step; glibc serves such sizes with mmap and hands them back to
+  the kernel at free, so every step page-faults and zeroes all of them again, which cost the ViT
+  step more time than its matrix products. One arena, no mmap and no trimming keep them mapped (the
+  process then stays at its peak memory, up to about twice the steps' own). Not where an
+  accelerator runs the steps: there the host's threads (the input pipeline) would share one malloc
+  arena for nothing. HYBRIDVIT_KEEP_HOST_MEMORY=0 turns it off (a machine short of memory).
+  """
+  if (os.environ.get('HYBRIDVIT_KEEP_HOST_MEMORY') == '0' or platform.libc_ver()[0] != 'glibc'
+      or not _computes_on_cpu()):
+    return False
+  libc = ctypes.CDLL(None)
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim (as size_t)
+  return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+def _computes_on_cpu() -> bool:
+  """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin (CUDA,
+  ROCm, TPU) is installed."""
+  platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  if importlib.util.find_spec('libtpu') is not None or importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  try:
+    import jax_plugins  # pylint: disable=import-outside-toplevel  # the namespace accelerator plugins live in
+  except ImportError:
+    return True
+  return not any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
 def fail(message: str) -> None:
   """Prints `error: message` on stderr and exits with the usage exit code."""
   print(f'error: {message}', file=sys.stderr, flush=True)
@@ -65,7 +108,9 @@ def fail_on_unknown_config_keys(argv: list[str]) -> None:
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag or config override reported as one line (exit 2)."""
+  """Every entry point's start (before JAX's backend): the host-memory setting, then absl's flag
+  parsing, with a bad flag or config override reported as one line (exit 2)."""
+  keep_freed_host_memory()
   fail_on_unknown_config_keys(argv)
   try:
     return flags.FLAGS(argv)

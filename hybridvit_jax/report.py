@@ -11,6 +11,9 @@ the test accuracy of a run that did not evaluate the test split while training) 
                        epochs (the paper's metric); table.md ends with the paper's published rows.
   curves.png           test accuracy per epoch of every run (the paper's Figure 6)
   loss.png             test loss per epoch of every run
+  time.png             validation accuracy at each evaluation against the minutes the run had
+                       taken by then (`elapsed_s`: training and evaluations, across resumes): which
+                       run is ahead at every minute of equal-time runs
   RUN_NAME.png         per run: train/test loss and train/test accuracy per epoch (Figures 3-5)
 A run without test numbers is drawn with its validation numbers (the legend says so). A value a
 run does not have yet is '–' in table.md and an empty cell in table.csv.
@@ -38,6 +41,7 @@ from hybridvit_jax.training import history, steps
 MISSING = '–'
 CURVES_FIGURE = 'curves'
 LOSS_FIGURE = 'loss'
+TIME_FIGURE = 'time'
 TABLE_COLUMNS = ('run', 'model', 'parameters', 'gflops_per_image', 'epochs', 'planned_epochs', 'wall_time_s',
                  'images_per_s', 'best_val_accuracy', 'best_val_epoch', 'test_accuracy_at_best_val',
                  'max_test_accuracy', 'max_test_epoch')
@@ -76,10 +80,10 @@ def read_runs(run_dirs: Sequence[str | pathlib.Path]) -> list[Run]:
           for name, path in zip(run_names(paths), paths)]
 
 
-def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-  """(epochs, values) of the records that hold `key`."""
-  records = [r for r in history if r.get(key) is not None]
-  return [r['epoch'] for r in records], [r[key] for r in records]
+def series(history: list[dict[str, Any]], key: str, x: str = 'epoch') -> tuple[list[float], list[float]]:
+  """(x values, values) of the records that hold `key` and `x` ('epoch' or 'elapsed_s')."""
+  records = [r for r in history if r.get(key) is not None and r.get(x) is not None]
+  return [r[x] for r in records], [r[key] for r in records]
 
 
 def eval_split(history: list[dict[str, Any]]) -> str:
@@ -307,6 +311,19 @@ def plot_all_runs(runs: Sequence[Run], metric: str, path: pathlib.Path) -> None:
   save_figure(figure, path)
 
 
+def plot_time_to_accuracy(runs: Sequence[Run], path: pathlib.Path) -> None:
+  """One chart of validation accuracy (%) at each evaluation against elapsed minutes, one line per
+  run. Runs without a finished epoch are left out."""
+  figure, axes = new_figure(8, 5)
+  for run in runs:
+    seconds, accuracies = series(run.history, 'val_accuracy', x='elapsed_s')
+    if seconds:
+      axes.plot([s / 60 for s in seconds], [100 * a for a in accuracies], marker='o', label=run.name)
+  _finish_axes(axes, ylabel='validation accuracy (%)', title='Validation accuracy against training time',
+               xlabel='elapsed minutes (training and evaluations)')
+  save_figure(figure, path)
+
+
 def plot_run(run: Run, path: pathlib.Path) -> None:
   """Two panels: train and test (or val) loss, and train and test (or val) accuracy, per epoch."""
   split = eval_split(run.history)
@@ -324,7 +341,7 @@ def plot_run(run: Run, path: pathlib.Path) -> None:
 
 def run_figure_name(run_name: str) -> str:
   """RUN_NAME.png, unless that would overwrite one of the shared figures."""
-  return f'run_{run_name}.png' if run_name in (CURVES_FIGURE, LOSS_FIGURE) else f'{run_name}.png'
+  return f'run_{run_name}.png' if run_name in (CURVES_FIGURE, LOSS_FIGURE, TIME_FIGURE) else f'{run_name}.png'
 
 
 # ------------------------------------------------------------------------------- report
@@ -344,10 +361,12 @@ def write_report(run_dirs: Sequence[str | pathlib.Path], out_dir: str | pathlib.
     (out_dir / name).write_text(text)
   plot_all_runs(runs, 'accuracy', out_dir / f'{CURVES_FIGURE}.png')
   plot_all_runs(runs, 'loss', out_dir / f'{LOSS_FIGURE}.png')
+  plot_time_to_accuracy(runs, out_dir / f'{TIME_FIGURE}.png')
   run_figures = [out_dir / run_figure_name(run.name) for run in runs]
   for run, path in zip(runs, run_figures):
     plot_run(run, path)
-  written = [out_dir / name for name in files] + [out_dir / f'{CURVES_FIGURE}.png', out_dir / f'{LOSS_FIGURE}.png']
+  written = [out_dir / name for name in files] + [out_dir / f'{name}.png' for name in
+                                                  (CURVES_FIGURE, LOSS_FIGURE, TIME_FIGURE)]
   return {'rows': rows, 'markdown': markdown, 'files': written + run_figures}
 
 

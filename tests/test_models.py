@@ -342,6 +342,33 @@ def test_matmul_conv_equals_xla_convolution_and_its_gradients(kernel_size, strid
     np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('shape', [(5, 7, 6), (3, 6), (2, 3, 4, 6)])
+def test_linear_layers_product_equals_xla_dot_general_and_its_gradients(shape):
+  inputs = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (6, 4))
+  numbers = (((len(shape) - 1,), (0,)), ((), ()))
+
+  def loss(dot_general, inputs, kernel):
+    out = dot_general(inputs, kernel, numbers, precision='highest')
+    return jnp.sum(jnp.sin(out)), out
+
+  (_, expected), expected_grads = jax.value_and_grad(
+      functools.partial(loss, jax.lax.dot_general), argnums=(0, 1), has_aux=True)(inputs, kernel)
+  (_, got), got_grads = jax.value_and_grad(
+      functools.partial(loss, layers.backend_dot_general), argnums=(0, 1), has_aux=True)(inputs, kernel)
+  assert 'custom_vjp' in str(jax.make_jaxpr(functools.partial(loss, layers.backend_dot_general))(inputs, kernel))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for got_grad, expected_grad in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_layers_take_xla_dot_general_off_the_cpu(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  inputs, kernel = jnp.ones((2, 3, 6)), jnp.ones((6, 4))
+  jaxpr = str(jax.make_jaxpr(lambda x, k: layers.backend_dot_general(x, k, (((2,), (0,)), ((), ()))))(inputs, kernel))
+  assert 'custom_vjp' not in jaxpr and 'dot_general' in jaxpr
+
+
 def test_matmul_conv_passes_grouped_convolutions_to_xla():
   images = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))

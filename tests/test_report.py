@@ -162,7 +162,7 @@ def test_markdown_ends_with_the_papers_rows(written):
 
 def test_figures_exist_for_all_runs_and_each_run(written):
   out, result = written
-  expected = {'curves.png': (1200, 750), 'loss.png': (1200, 750),
+  expected = {'curves.png': (1200, 750), 'loss.png': (1200, 750), 'time.png': (1200, 750),
               **{f'{name}.png': (1800, 675) for name in ('vit_long', 'resnet_one', 'hybrid_running', 'vit_no_test',
                                                          'vit_empty', 'vit_evaluated',
                                                          'vit_evaluated_before_its_best')}}
@@ -171,6 +171,20 @@ def test_figures_exist_for_all_runs_and_each_run(written):
     assert (out / name).stat().st_size > 10_000, name
     with Image.open(out / name) as image:
       assert image.size == size, name
+
+
+def test_time_axis_is_each_evaluations_elapsed_minutes_on_a_real_smoke_run(vit_smoke_run, tmp_path, monkeypatch):
+  workdir, _, _ = vit_smoke_run
+  result = report.write_report([workdir], tmp_path)
+  assert tmp_path / 'time.png' in result['files'] and (tmp_path / 'time.png').stat().st_size > 10_000
+  saved = []
+  monkeypatch.setattr(report, 'save_figure', lambda figure, path: saved.append(figure))
+  report.plot_time_to_accuracy(report.read_runs([workdir]), tmp_path / 'again.png')
+  (line,) = saved[0].axes[0].get_lines()
+  records = [json.loads(line) for line in (workdir / 'history.jsonl').read_text().splitlines()]
+  assert line.get_label() == workdir.name
+  assert list(line.get_xdata()) == [r['elapsed_s'] / 60 for r in records] and all(r['elapsed_s'] > 0 for r in records)
+  assert list(line.get_ydata()) == [100 * r['val_accuracy'] for r in records]
 
 
 def test_runs_without_test_numbers_are_drawn_with_validation_numbers(runs):

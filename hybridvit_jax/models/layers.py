@@ -84,12 +84,13 @@ def matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], p
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def columns_times_kernel(columns: jax.Array, kernel: jax.Array, precision=None,
                          preferred_element_type=None) -> jax.Array:
-  """im2col columns [B,H,W,K] times a kernel [K,O] -> [B,H,W,O], with gradients written as plain
-  2-D products: the kernel's is columns^T [K, B*H*W] x output gradient [B*H*W, O], contracting the
-  positions of both. Left to its own transpose rule, XLA:CPU writes the output gradient out
-  transposed ([O, B*H*W], fused into BatchNorm's backward) for that product, a slow strided write:
-  this form makes the hybrid `:cpu` train step faster (BENCHMARKS.md), with the same values."""
-  return lax.dot_general(columns, kernel, (((3,), (0,)), ((), ())), precision=precision,
+  """Rows of features [..., K] (im2col columns [B,H,W,K], or tokens [B,T,K]) times a kernel [K,O] ->
+  [..., O], with gradients written as plain 2-D products: the kernel's is rows^T [K, N] x output
+  gradient [N, O], contracting the N = B*H*W (or B*T) rows of both. Left to its own transpose rule,
+  XLA:CPU writes one operand of that product out transposed ([O, N] or [K, N], fused into the
+  producer: BatchNorm's backward, a copy of the tokens), a slow strided write that this form avoids
+  (BENCHMARKS.md), with the same values."""
+  return lax.dot_general(columns, kernel, (((columns.ndim - 1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=preferred_element_type)
 
 
@@ -106,18 +107,28 @@ def _columns_times_kernel_backward(precision, preferred_element_type, residuals,
   if isinstance(output_grad, jax.custom_derivatives.SymbolicZero):
     return None, None
   columns_grad = kernel_grad = None
-  if kernel is not None:  # [B,H,W,O] x [K,O]^T -> [B,H,W,K]
-    columns_grad = lax.dot_general(output_grad.astype(kernel.dtype), kernel, (((3,), (1,)), ((), ())),
-                                   precision=precision)
-  if columns is not None:  # [K, B*H*W] x [B*H*W, O] -> [K, O]
-    positions = columns.shape[0] * columns.shape[1] * columns.shape[2]
-    kernel_grad = lax.dot_general(columns.reshape(positions, -1),
-                                  output_grad.astype(columns.dtype).reshape(positions, -1),
+  if kernel is not None:  # [..., O] x [K,O]^T -> [..., K]
+    columns_grad = lax.dot_general(output_grad.astype(kernel.dtype), kernel,
+                                   (((output_grad.ndim - 1,), (1,)), ((), ())), precision=precision)
+  if columns is not None:  # [K, N] x [N, O] -> [K, O]
+    rows = columns.size // columns.shape[-1]
+    kernel_grad = lax.dot_general(columns.reshape(rows, -1), output_grad.astype(columns.dtype).reshape(rows, -1),
                                   (((0,), (0,)), ((), ())), precision=precision)
   return columns_grad, kernel_grad
 
 
 columns_times_kernel.defvjp(_columns_times_kernel_forward, _columns_times_kernel_backward, symbolic_zeros=True)
+
+
+def backend_dot_general(inputs: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
+                        preferred_element_type=None, out_sharding=None) -> jax.Array:
+  """An nnx.Linear's product (its `dot_general`): on CPU `columns_times_kernel` (the gradients as
+  plain 2-D products), elsewhere, or for any other product or a sharded one, `lax.dot_general`."""
+  plain = dimension_numbers == (((inputs.ndim - 1,), (0,)), ((), ())) and kernel.ndim == 2
+  if jax.default_backend() == 'cpu' and plain and out_sharding is None:
+    return columns_times_kernel(inputs, kernel, precision, preferred_element_type)
+  return lax.dot_general(inputs, kernel, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
 
 def backend_conv(*args, **kwargs) -> jax.Array:
@@ -324,9 +335,9 @@ class MLP(nnx.Module):
       rngs: parameter initialisation randomness.
     """
     self.fc1 = nnx.Linear(hidden_size, mlp_dim, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
-                          dtype=dtype, rngs=rngs)
+                          dot_general=backend_dot_general, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_dim, hidden_size, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
-                          dtype=dtype, rngs=rngs)
+                          dot_general=backend_dot_general, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -352,9 +363,9 @@ class MultiHeadSelfAttention(nnx.Module):
     """
     self.num_heads = num_heads
     self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
-                          dtype=dtype, rngs=rngs)
+                          dot_general=backend_dot_general, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(hidden_size, hidden_size, kernel_init=DENSE_INIT, kernel_metadata=group(KERNEL),
-                           dtype=dtype, rngs=rngs)
+                           dot_general=backend_dot_general, dtype=dtype, rngs=rngs)
     self.attention_dropout = nnx.Dropout(attention_dropout_rate)
     self.dropout = nnx.Dropout(dropout_rate)
 
