@@ -33,7 +33,7 @@ print(json.dumps({'kept': kept, 'faults': faults, 'temp_pages': grad.memory_anal
 
 
 def later_calls(mode: str) -> dict:
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env = {**{k: v for k, v in os.environ.items() if k != 'HYBRIDVIT_KEEP_HOST_MEMORY'}, 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', PROGRAM, mode], env=env, capture_output=True, text=True, check=True)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
