@@ -154,6 +154,8 @@ def train_main(config, workdir: str, *, coordinator_address=None, num_processes=
   from hybridvit_jax.training import loop  # pylint: disable=import-outside-toplevel  # after jax.distributed
   try:
     return loop.train_and_evaluate(config, workdir)
+  except loop.RunStopped as stopped:  # not a failure: exit 0, the loop's last line says how to resume
+    return stopped.record
   except loop.NonFiniteLossError as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
     sys.exit(1)

@@ -265,6 +265,8 @@ def main(argv):
   try:
     result = cli.run_and_exit(run_study, experiments, pathlib.Path(options.workdir), preset=options.preset,
                               sweep=sweep)
+  except loop.RunStopped:  # the run's last line says how to resume; the runs after it wait for that
+    return
   except loop.NonFiniteLossError as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
     sys.exit(1)

@@ -1,5 +1,6 @@
 """`python tests/signal_at_step.py STEP SIGNAL LAUNCH_FLAGS...`: launch.py, which sends itself
-SIGNAL (TERM, INT or KILL) right after dispatching step STEP.
+SIGNAL (TERM, INT or KILL) right after dispatching step STEP (of each run it trains).
+`... STEP SIGNAL -m MODULE FLAGS...` runs the module instead (hybridvit_jax.study).
 
 What a scheduler, Ctrl-C or the OOM killer does from outside, at a chosen step instead of
 whenever a timed signal lands: the run's own handler gets the same signal, and a test of it
@@ -26,8 +27,12 @@ def main() -> None:
       os.kill(os.getpid(), signal_number)
 
   pacing.DispatchPacer.after_step = after_step_then_signal
-  sys.argv = [str(REPO / 'launch.py'), *sys.argv[3:]]
-  runpy.run_path(sys.argv[0], run_name='__main__')
+  if sys.argv[3] == '-m':
+    sys.argv = [sys.argv[4], *sys.argv[5:]]
+    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+  else:
+    sys.argv = [str(REPO / 'launch.py'), *sys.argv[3:]]
+    runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 if __name__ == '__main__':

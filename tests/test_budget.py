@@ -97,6 +97,33 @@ def test_step_timer_leaves_out_the_first_step_after_a_plan_and_the_evaluations()
   assert timer.seconds_per_step(15) is None
 
 
+def test_plan_from_slow_first_steps_is_made_again_after_a_twentieth_of_it():
+  # The probe's steps take 2 s (a heap growing), the rest 0.5 s: the second plan, made from the
+  # steps since the first, is as long as a plan from 0.5 s steps, and a third comes 5% later.
+  now = [0.0]
+  config = budget_config(budget_minutes=30.0, eval_every_epochs=100)
+  time_budget = budget.TimeBudget(
+      config, start_step=0, max_total_steps=100_000, steps_per_epoch=100_000, eval_batches=1,
+      session_start=0.0, time_eval_batch=lambda state: 1.0, clock=lambda: now[0], wait=lambda x: None)
+  state = types.SimpleNamespace(step=jnp.int32(0))
+  plans = {}
+  for step in range(1, 400):
+    now[0] += 2.0 if step <= budget.PROBE_LAST_STEP else 0.5
+    plan = time_budget.after_step(state, step)
+    if plan is not None:
+      plans[step] = plan, now[0]
+  first, _ = plans.pop(budget.PROBE_LAST_STEP)
+  second_step = min(plans)
+  assert second_step == budget.PROBE_LAST_STEP + budget.steps_between_plans(first)
+  second, elapsed_s = plans[second_step]
+  fitting = budget.steps_in_budget(
+      budget_s=1800.0, elapsed_s=elapsed_s, step=second_step, max_steps=100_000,
+      speed=budget.Speed(seconds_per_step=0.5, seconds_per_eval_batch=1.0), steps_per_epoch=100_000,
+      eval_every_epochs=100, eval_batches=1)
+  assert first < 1800 / 2.0 and second == fitting > 3000
+  assert min(s for s in plans if s > second_step) == second_step + budget.steps_between_plans(second)
+
+
 @pytest.mark.slow
 def test_plan_at_an_evaluation_moves_the_end_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
   reference = tmp_path / 'thirty_five_steps'

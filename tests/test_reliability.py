@@ -87,8 +87,10 @@ def test_a_stop_at_an_epochs_last_step_records_its_evaluation_first(tmp_path, mo
   monkeypatch.setattr(pacing.DispatchPacer, 'after_step', after_step)
   config = vit.get_config('smoke')
   config.update({'num_epochs': 2, 'eval_test_every_epoch': False})
-  record = loop.train_and_evaluate(config, tmp_path)
-  assert record['step'] == 7 and [r['step'] for r in read_history(tmp_path)] == [7] and saved_steps(tmp_path) == [7]
+  with pytest.raises(loop.RunStopped) as stopped:
+    loop.train_and_evaluate(config, tmp_path)
+  record = stopped.value.record
+  assert stopped.value.step == 7 and record['step'] == 7 and [r['step'] for r in read_history(tmp_path)] == [7] and saved_steps(tmp_path) == [7]
   assert 'stopped at step 7 (SIGTERM); run the same command to resume' in capsys.readouterr().out
   monkeypatch.setattr(pacing.DispatchPacer, 'after_step', real_after_step)
   assert loop.train_and_evaluate(config, tmp_path)['step'] == 14
@@ -325,9 +327,11 @@ def test_a_signal_during_the_last_save_is_noted_and_the_save_finishes(tmp_path, 
   outer = []  # what the process would do with a SIGTERM outside the run: here, count it
   previous = signal.signal(signal.SIGTERM, lambda *_: outer.append('SIGTERM'))
   try:
-    record = loop.train_and_evaluate(config, tmp_path)
+    with pytest.raises(loop.RunStopped) as stopped:
+      loop.train_and_evaluate(config, tmp_path)
   finally:
     signal.signal(signal.SIGTERM, previous)
+  record = stopped.value.record
   assert signalled and outer == []  # the run's handler took it
   assert record['step'] == 7 and saved_steps(tmp_path) == [7]
   assert not list((tmp_path / 'checkpoints' / 'latest').glob('*tmp*'))

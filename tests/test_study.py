@@ -77,6 +77,26 @@ def test_the_installed_package_runs_the_study_from_any_directory(installed, tmp_
   assert 'resumed from step 7 of 7' in second.stderr and 'epoch 1: {' not in second.stderr
 
 
+@pytest.mark.slow
+def test_a_stop_signal_stops_the_study_after_saving_and_a_rerun_goes_on(tmp_path):
+  """SIGTERM in the first run (as the scheduler or Ctrl-C sends it): that run saves and the study
+  stops there, with the run's resume line last and exit 0; the next run and the report wait for
+  the rerun, which resumes the first and trains the second."""
+  flags = ('--preset=smoke', f'--workdir={tmp_path}', '--models=vit,hybrid', '--config.num_epochs=1',
+           '--config.eval_test_every_epoch=False')
+  stopped = subprocess.run([sys.executable, 'tests/signal_at_step.py', '3', 'TERM', '-m', 'hybridvit_jax.study', *flags],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert stopped.stdout.strip().splitlines()[-1] == 'stopped at step 3 (SIGTERM); run the same command to resume'
+  assert (tmp_path / 'vit' / 'checkpoints').is_dir()
+  assert not (tmp_path / 'hybrid').exists() and not (tmp_path / 'report').exists()
+  resumed = run_study_command(*flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step 3' in resumed.stderr
+  assert [r['step'] for r in read_history(tmp_path / 'vit')] == [7]
+  assert read_history(tmp_path / 'hybrid') and (tmp_path / 'report' / 'table.md').is_file()
+
+
 @pytest.mark.parametrize('override, message', [
     ('--config.num_epoch=1', 'error: --config.num_epoch: no such config key; did you mean num_epochs?'),
     ('--config.model.vit.num_layers=two', "error: flag --config.model.vit.num_layers=two: invalid literal for "

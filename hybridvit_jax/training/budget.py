@@ -4,11 +4,12 @@ this machine, so that "train for 30 minutes" means the same thing on a fast hour
 `TimeBudget` times the run's own first steps (after the compile) and one evaluation batch, then
 `steps_in_budget` returns the most steps whose training and evaluations end before the deadline
 (the budget less the reserve for the last evaluation, `evaluation_reserve_s`: where the loop
-stops training whatever the plan), with `SAFETY_MARGIN` to spare. At every evaluation and every
-periodic checkpoint (`checkpoint_every_steps`) it plans again from the speed since the last plan
-(a shared machine's speed drifts within a run). The plan's length is an argument of the train
-step, so a new plan costs no compile. The plan is kept in every checkpoint, so a resumed run
-follows the schedule it had. The functions are pure; the clock is read by `TimeBudget` only.
+stops training whatever the plan), with `SAFETY_MARGIN` to spare. Every REPLAN_FRACTION of the
+plan's steps, and at every evaluation and periodic checkpoint (`checkpoint_every_steps`), it plans
+again from the speed since the last plan (a shared machine's speed drifts within a run). The
+plan's length is an argument of the train step, so a new plan costs no compile. The plan is kept
+in every checkpoint, so a resumed run follows the schedule it had. The functions are pure; the
+clock is read by `TimeBudget` only.
 """
 import dataclasses
 import math
@@ -36,6 +37,12 @@ SAFETY_MARGIN = 0.015
 # dispatched ahead of the device (up to pacing.MAX_SECONDS_AHEAD), the evaluation's input pipeline
 # starting, the checkpoint. Without it a run that met its deadline ended 1 s past a 30-minute budget.
 DEADLINE_SLACK_S = 10.0
+# A run plans again after this fraction of its plan's steps (and at least the probe's count). The
+# probe's steps can be much slower than the rest (with `cli.keep_freed_host_memory` the first
+# steps grow the process's heap and first-touch it: docs/experiments/vit-cpu-step.md), which left
+# the first plan short until the first evaluation. The learning rate barely moves at such a
+# re-plan: early in a run the schedule is near its peak, and later ones move the plan by the drift.
+REPLAN_FRACTION = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,12 @@ def steps_in_budget(*, budget_s: float, elapsed_s: float, step: int, speed: Spee
     middle = (fits + too_many) // 2
     fits, too_many = (middle, too_many) if seconds(middle) <= usable_s else (fits, middle)
   return fits
+
+
+def steps_between_plans(planned_steps: int) -> int:
+  """Steps from one plan to the next made without an evaluation or a checkpoint: REPLAN_FRACTION
+  of the plan, at least as many as the probe times."""
+  return max(PROBE_LAST_STEP - PROBE_FIRST_STEP, math.ceil(REPLAN_FRACTION * planned_steps))
 
 
 def evaluation_reserve_s(speed: Speed, eval_batches: int) -> float:
@@ -155,7 +168,8 @@ class TimeBudget:
   The loop calls it after every step (`after_step`, then `deadline_reached`), at every periodic
   checkpoint (`at_checkpoint`) and after every evaluation (`at_evaluation`). The first plan comes
   from the probe's steps (this session's PROBE_FIRST_STEP to PROBE_LAST_STEP) and the seconds one
-  evaluation batch takes; each later one from the speed since the plan before. A method that plans
+  evaluation batch takes; each later one (every REPLAN_FRACTION of the plan's steps, at a periodic
+  checkpoint, after an evaluation) from the speed since the plan before. A method that plans
   returns the plan (the run's total steps), None when it made none. With several processes, every
   process follows process 0's plans and clock.
 
@@ -174,8 +188,10 @@ class TimeBudget:
     steps past it."""
     self._config = config
     self._max_total_steps, self._steps_per_epoch, self._eval_batches = max_total_steps, steps_per_epoch, eval_batches
-    self._session_start, self._time_eval_batch, self._clock = session_start, time_eval_batch, clock
+    self._session_start, self._time_eval_batch, self._clock, self._wait = session_start, time_eval_batch, clock, wait
     self.planned_steps = planned_steps
+    # A step-count rule, not a clock one: every process plans at the same step (a collective).
+    self._next_plan_step = None if planned_steps is None else start_step + steps_between_plans(planned_steps)
     self.evaluation_reserve_s = evaluation_reserve_s
     self.seconds_per_eval_batch = seconds_per_eval_batch
     self._probe = None
@@ -202,16 +218,25 @@ class TimeBudget:
 
   def after_step(self, state: TrainState, step: int) -> int | None:
     """Called after dispatching the step that brings the run to `step`: times the probe's steps
-    and at its last plans the run (the plan); else starts the step timer after a plan (None)."""
+    and at its last plans the run (the plan); after a plan, starts the step timer, and plans again
+    (waiting for the step) once REPLAN_FRACTION of the plan's steps are done. The new plan, or None."""
     if self._probe is not None:
       if not self._probe.timed(state, step):
         return None
       speed = self._probe.speed(self._time_eval_batch(state))
       self._probe = None
       return self._plan(step, speed)
-    if self.planned_steps is not None:
-      self._timer.after_step(state, step)
-    return None
+    if self.planned_steps is None:
+      return None
+    self._timer.after_step(state, step)
+    if step < self._next_plan_step or step >= self.planned_steps:
+      return None
+    self._wait(state.step)
+    speed = self._speed_since_plan(step)
+    if speed is None:  # nothing timed yet: a run resumed from a checkpoint older than the eval-batch timing
+      self._next_plan_step = step + steps_between_plans(self.planned_steps)
+      return None
+    return self._plan(step, speed)
 
   def deadline_reached(self, step: int, total_steps: int) -> bool:
     """Whether the run must end at `step`, before the `total_steps` it was to train: the budget
@@ -273,6 +298,7 @@ class TimeBudget:
     self.planned_steps = new_plan
     self.evaluation_reserve_s = evaluation_reserve_s(speed, self._eval_batches)
     self.seconds_per_eval_batch = speed.seconds_per_eval_batch
+    self._next_plan_step = step + steps_between_plans(new_plan)
     self._timer.restart()
     return new_plan
 

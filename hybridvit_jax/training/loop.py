@@ -33,6 +33,15 @@ FIT_EXAMPLES = 5000
 PROFILE_WARMUP_STEPS = 5
 
 
+class RunStopped(Exception):
+  """A stop signal (SIGTERM, SIGINT) ended the session at `step`, after its checkpoint was saved:
+  rerunning the command resumes the run. `record`: the session's last evaluation record, if any."""
+
+  def __init__(self, step: int, record: dict[str, Any]):
+    super().__init__(f'stopped at step {step}')
+    self.step, self.record = step, record
+
+
 class NonFiniteLossError(RuntimeError):
   """Training hit a non-finite loss with nan_policy='stop'; the message names the step."""
 
@@ -493,7 +502,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config`'s model in `workdir`, resuming from its latest checkpoint if there is one.
 
   Writes WORKDIR/config.json, history.jsonl (one record per epoch), TensorBoard event files
-  and checkpoints/. Returns the last history record (or {} when nothing was left to do).
+  and checkpoints/. Returns the last history record (or {} when nothing was left to do); raises
+  RunStopped after a stop signal, so that a caller with more to do (a study) stops as well.
   """
   # -- set up and restore: every check happens before anything is written or compiled.
   run, state, meta, total_steps = set_up_run(config, pathlib.Path(workdir))
@@ -567,4 +577,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if stop or stopping:
     print(f'stopped at step {step} ({stop.signal_name or "a signal to another process"}); '
           'run the same command to resume', flush=True)
+    raise RunStopped(step, record)
   return record
