@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=lambda argv: cli.parse_flags_or_exit(argv))
+  app.run(main, flags_parser=lambda argv: cli.parse_training_flags_or_exit(argv))

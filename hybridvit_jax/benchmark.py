@@ -292,4 +292,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  app.run(main, flags_parser=cli.parse_training_flags_or_exit)

@@ -16,7 +16,9 @@ and training images/s against the value (stem_depth, or sweep_<leaf>).
 
 --config.KEY=VALUE overrides apply to every run; an unknown key or a bad value stops the command
 before anything is trained, with one line and exit code 2. Running the same command again
-resumes unfinished runs and trains nothing for finished ones.
+resumes unfinished runs and trains nothing for finished ones. A stop signal stops the study with
+its run (exit 0; the rerun resumes there); a run stopped by a non-finite loss is named and the
+study goes on, then exits 1.
 """
 import dataclasses
 import importlib
@@ -195,29 +197,40 @@ def preset_name(preset: str) -> str:
   return preset or 'default'
 
 
-def train_all(experiments: Sequence[Experiment], preset: str) -> None:
-  """Trains (or resumes) each run in turn, with one progress line per run; finished runs train nothing."""
+def train_all(experiments: Sequence[Experiment], preset: str) -> list[str]:
+  """Trains (or resumes) each run in turn, with one progress line per run; finished runs train nothing.
+
+  A run that stops on a non-finite or diverged loss is named on stderr and the study goes on: the
+  other runs (a sweep's other values) are still worth having. Returns the names of those runs.
+  """
+  failed = []
   for index, experiment in enumerate(experiments, 1):
     print(f'[{index}/{len(experiments)}] {experiment.name} (preset {preset_name(preset)}) -> {experiment.workdir}',
           flush=True)
-    loop.train_and_evaluate(experiment.config, str(experiment.workdir))
+    try:
+      loop.train_and_evaluate(experiment.config, str(experiment.workdir))
+    except loop.NonFiniteLossError as error:
+      print(f'error: {experiment.name}: {error}', file=sys.stderr, flush=True)
+      failed.append(experiment.name)
+  return failed
 
 
 def run_study(experiments: Sequence[Experiment], workdir: pathlib.Path, *, preset: str,
-              sweep: Sweep | None = None) -> dict[str, Any] | None:
+              sweep: Sweep | None = None) -> tuple[dict[str, Any] | None, list[str]]:
   """Checks every run, trains them in turn, then writes the report (and the sweep's) into
-  WORKDIR/report. Returns write_report's result, with the sweep's files added; None on the
-  processes other than 0 of a multi-process run, which write nothing."""
+  WORKDIR/report. Returns write_report's result, with the sweep's files added (None on the
+  processes other than 0 of a multi-process run, which write nothing), and the names of the runs
+  that stopped on a non-finite loss (their rows hold what they trained before it)."""
   check_experiments(experiments)
-  train_all(experiments, preset)
+  failed = train_all(experiments, preset)
   if jax.process_index() != 0:
-    return None
+    return None, failed
   out_dir = workdir / REPORT_DIR
   result = report.write_report([e.workdir for e in experiments], out_dir)
   if sweep is not None:
     result['files'] += report.write_sweep_report(sweep.key, sweep.values, result['rows'], out_dir,
                                                  sweep.report_name)
-  return result
+  return result, failed
 
 
 def plan(options: flags.FlagValues, overrides: dict[str, Any]) -> tuple[list[Experiment], Sweep | None]:
@@ -263,17 +276,19 @@ def main(argv):
   cli.use_compilation_cache(overrides.get('compilation_cache', True))
   experiments, sweep = cli.run_and_exit(plan, options, overrides)
   try:
-    result = cli.run_and_exit(run_study, experiments, pathlib.Path(options.workdir), preset=options.preset,
-                              sweep=sweep)
+    result, failed = cli.run_and_exit(run_study, experiments, pathlib.Path(options.workdir),
+                                      preset=options.preset, sweep=sweep)
   except loop.RunStopped:  # the run's last line says how to resume; the runs after it wait for that
     return
-  except loop.NonFiniteLossError as error:
-    print(f'error: {error}', file=sys.stderr, flush=True)
-    sys.exit(1)
   if result is not None:
     report.print_report(result)
+  if failed:
+    print(f'error: {len(failed)} of {len(experiments)} runs stopped on a non-finite loss ({", ".join(failed)}); '
+          'the report holds what they trained, and their lines above say where each stopped and how to go on',
+          file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
   define_flags(sys.argv)
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  app.run(main, flags_parser=cli.parse_training_flags_or_exit)

@@ -97,6 +97,21 @@ def test_a_stop_signal_stops_the_study_after_saving_and_a_rerun_goes_on(tmp_path
   assert read_history(tmp_path / 'hybrid') and (tmp_path / 'report' / 'table.md').is_file()
 
 
+@pytest.mark.slow
+def test_a_run_that_stops_on_a_non_finite_loss_is_named_and_the_study_goes_on(tmp_path):
+  """A sweep value that blows the loss up stops its own run only: the next value trains, the
+  report is written, and the study ends with exit 1 naming the failed run."""
+  result = run_study_command('--preset=smoke', f'--workdir={tmp_path}', '--models=vit', '--sweep=learning_rate',
+                             '--values=1e38,0.001', '--config.num_epochs=1', '--config.eval_test_every_epoch=False')
+  assert result.returncode == 1, result.stderr[-3000:]
+  failed_run = next(path.name for path in tmp_path.iterdir() if path.name.startswith('learning_rate_1e'))
+  first, last = error_lines(result.stderr)
+  assert first.startswith(f'error: {failed_run}: ') and 'loss' in first
+  assert last.startswith(f'error: 1 of 2 runs stopped on a non-finite loss ({failed_run}); ')
+  assert [r['step'] for r in read_history(tmp_path / 'learning_rate_0.001')] == [7]
+  assert '| learning_rate_0.001 |' in (tmp_path / 'report' / 'table.md').read_text()
+
+
 @pytest.mark.parametrize('override, message', [
     ('--config.num_epoch=1', 'error: --config.num_epoch: no such config key; did you mean num_epochs?'),
     ('--config.model.vit.num_layers=two', "error: flag --config.model.vit.num_layers=two: invalid literal for "
@@ -129,7 +144,8 @@ def test_stem_depth_sweep_trains_one_run_per_depth_and_reports_against_depth(tmp
   stages = {1: ((8,),), 3: ((8, 8), (16,))}
   overrides = {'num_epochs': 1, 'model.stem.stages': ((8, 8), (16, 16))}  # the stem whose first convs are kept
   experiments = study.sweep_experiments('hybrid', 'smoke', overrides, sweep, tmp_path)
-  result = study.run_study(experiments, tmp_path, preset='smoke', sweep=sweep)
+  result, failed = study.run_study(experiments, tmp_path, preset='smoke', sweep=sweep)
+  assert failed == []
   for depth in (1, 3):
     saved = configuration.load_run_config(tmp_path / f'stem_depth_{depth}')
     assert (saved.model.name, saved.model.stem.stages, saved.num_epochs) == ('hybrid', stages[depth], 1)
