@@ -121,8 +121,8 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 def parse_training_flags_or_exit(argv: list[str]) -> list[str]:
   """`parse_flags_or_exit` for the commands that repeat a train step (launch, study, benchmark),
   which keep freed host memory first. Not the others: without mmap the one heap fragments, and a
-  test-set `evaluate` of the hybrid peaked at 15.6 GB (once killed for memory at 24 GB) against
-  6.0 GB with glibc's defaults, for no speed a single pass needs."""
+  test-set `evaluate` peaked at several times the memory of glibc's defaults (once killed for it;
+  docs/experiments/vit-cpu-step.md), for no speed a single pass needs."""
   keep_freed_host_memory()
   return parse_flags_or_exit(argv)
 

@@ -38,9 +38,9 @@ SAFETY_MARGIN = 0.015
 # starting, the checkpoint. Without it a run that met its deadline ended 1 s past a 30-minute budget.
 DEADLINE_SLACK_S = 10.0
 # A run plans again after this fraction of its plan's steps (and at least the probe's count). The
-# probe's steps can be much slower than the rest (with `cli.keep_freed_host_memory` the first
-# steps grow the process's heap and first-touch it: docs/experiments/vit-cpu-step.md), which left
-# the first plan short until the first evaluation. The learning rate barely moves at such a
+# probe's steps can be much slower than the rest (most likely the heap growing under
+# `cli.keep_freed_host_memory`: docs/experiments/vit-cpu-step.md), which left the first plan short
+# until the first evaluation. The learning rate barely moves at such a
 # re-plan: early in a run the schedule is near its peak, and later ones move the plan by the drift.
 REPLAN_FRACTION = 0.05
 

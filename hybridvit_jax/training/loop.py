@@ -459,6 +459,15 @@ def set_up_run(config: ml_collections.ConfigDict,
   return run, state, meta, total_steps
 
 
+def raise_if_stopped(stop: signals.StopRequest, stopping: bool, step: int, record: dict[str, Any]) -> None:
+  """After a session a stop signal ended (here, or `stopping`: agreed with another process): the
+  line that says how to resume, then RunStopped, so that a caller with more to do stops too."""
+  if stop or stopping:
+    print(f'stopped at step {step} ({stop.signal_name or "a signal to another process"}); '
+          'run the same command to resume', flush=True)
+    raise RunStopped(step, record)
+
+
 def close_run(run: Run, state: TrainState, step: int, *, stopping: bool, stop: signals.StopRequest,
               meta_to_save: Callable[[], dict[str, Any]], profile: 'StepProfile') -> None:
   """A session's end, however it ends: a stopped run's checkpoint (every process saves this step
@@ -574,8 +583,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
   finally:
     close_run(run, state, step, stopping=stopping, stop=stop, meta_to_save=meta_to_save, profile=profile)
-  if stop or stopping:
-    print(f'stopped at step {step} ({stop.signal_name or "a signal to another process"}); '
-          'run the same command to resume', flush=True)
-    raise RunStopped(step, record)
+  raise_if_stopped(stop, stopping, step, record)
   return record
