@@ -59,7 +59,7 @@ def test_not_applied_where_an_accelerator_runs_the_steps_or_when_turned_off(monk
                                            ('hybridvit_jax.benchmark', True), ('hybridvit_jax.evaluate', False),
                                            ('hybridvit_jax.predict', False), ('hybridvit_jax.report', False)])
 def test_only_the_commands_that_repeat_a_train_step_keep_freed_memory(module, keeps):
-  # evaluate keeping it peaked at 2.6x the memory of glibc's defaults (a fragmented heap).
+  # evaluate keeping it peaked at several times the memory of glibc's defaults (a fragmented heap).
   import ast, importlib.util, pathlib  # pylint: disable=import-outside-toplevel,multiple-imports
   path = pathlib.Path(cli.__file__).parents[1] / 'launch.py' if module == 'launch' else pathlib.Path(
       importlib.util.find_spec(module).origin)
