@@ -1,6 +1,6 @@
 """Per-op times of the ViT-Ti/4 gradient at batch 128 on this machine, from a jax.profiler trace.
 
-    python benchmarks/vit_grad_profile.py [--xla_dense] [--release_memory] [--out=DIR]
+    python benchmarks/vit_grad_profile.py [--xla_dense] [--xla_attention] [--release_memory] [--out=DIR]
 
 Traces two calls of the jitted gradient of the cross-entropy (after four untimed ones), sums the
 duration of each XLA op from the trace's perfetto JSON (no TensorBoard plugin needed) and prints:
@@ -9,7 +9,8 @@ fusions) and the rest by fusion kind, then each product shape's time and GFLOP/s
 concurrently on the 2 cores, so a product's GFLOP/s is a lower bound when another runs beside it.
 
 --xla_dense: the Linear layers through lax.dot_general (XLA's own gradients) instead of
-layers.backend_dot_general. --release_memory: without cli.keep_freed_host_memory (glibc's default,
+layers.backend_dot_general. --xla_attention: attention through jax.nn.dot_product_attention instead
+of layers.backend_attention. --release_memory: without cli.keep_freed_host_memory (glibc's default,
 every step's temporaries faulted in again). The results and what they taught:
 docs/experiments/vit-cpu-step.md.
 """
@@ -27,6 +28,7 @@ from hybridvit_jax import cli
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--xla_dense', action='store_true')
+parser.add_argument('--xla_attention', action='store_true')
 parser.add_argument('--release_memory', action='store_true')
 parser.add_argument('--out', default=None, help='trace directory (default: a temporary one)')
 options = parser.parse_args()
@@ -40,6 +42,8 @@ from vit_step_parts import vit_ti4_loss  # pylint: disable=wrong-import-position
 if options.xla_dense:
   layers.backend_dot_general = lambda x, k, numbers, precision=None, preferred_element_type=None, out_sharding=None: (
       jax.lax.dot_general(x, k, numbers, precision=precision, preferred_element_type=preferred_element_type))
+if options.xla_attention:
+  layers.backend_attention = jax.nn.dot_product_attention
 loss_fn, params = vit_ti4_loss()
 grads = jax.jit(jax.grad(loss_fn))
 hlo = grads.lower(params).compile().as_text()

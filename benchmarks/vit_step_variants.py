@@ -20,7 +20,7 @@ from hybridvit_jax import benchmark, cli
 from hybridvit_jax.configs import vit
 from hybridvit_jax.models import layers
 
-_GELU, _ATTENTION, _COLUMNS_TIMES_KERNEL = nnx.gelu, jax.nn.dot_product_attention, layers.columns_times_kernel
+_GELU, _ATTENTION, _COLUMNS_TIMES_KERNEL = nnx.gelu, layers.backend_attention, layers.columns_times_kernel
 REPETITIONS, STEPS = 2, 4
 
 
@@ -50,63 +50,15 @@ def padded_attention(query, key, value, *args, multiple=16, pad_queries=True, **
   key, value = jnp.pad(key, padding), jnp.pad(value, padding)
   query = jnp.pad(query, padding) if pad_queries else query
   real_keys = (jnp.arange(key.shape[1]) < tokens)[None, None, None, :]  # [1,1,1,S] of [B,N,T,S]
-  return _ATTENTION(query, key, value, mask=real_keys)[:, :tokens]
+  return jax.nn.dot_product_attention(query, key, value, mask=real_keys)[:, :tokens]
 
 
 def halves_attention(query, key, value, *args, **kwargs):
   """Attention of each half of the batch apart: two independent products XLA may run at once."""
   del args, kwargs
   half = query.shape[0] // 2
-  return jnp.concatenate([_ATTENTION(query[:half], key[:half], value[:half]),
-                          _ATTENTION(query[half:], key[half:], value[half:])])
-
-
-def written_out(x):
-  """`x` as its own array: XLA folds a transpose into the product that reads it (a strided operand,
-  which YNNPACK's products do not take: Eigen runs them); behind a barrier it is written out."""
-  return lax.optimization_barrier(x)
-
-
-def batched_product(lhs, rhs):
-  """[B,N,M,K] x [B,N,K,O] -> [B,N,M,O]: both operands row-major, the form YNNPACK runs."""
-  return lax.dot_general(lhs, rhs, (((3,), (2,)), ((0, 1), (0, 1))))
-
-
-def swap_last(x):
-  return written_out(jnp.swapaxes(x, -1, -2))
-
-
-@jax.custom_vjp
-def heads_attention(query, key, value):
-  """softmax(Q K^T) V on heads-first operands [B,N,T,H] (Q already scaled), every product of the
-  forward and backward on row-major operands, the transposes written out."""
-  return _heads_attention_forward(query, key, value)[0]
-
-
-def _heads_attention_forward(query, key, value):
-  logits = batched_product(query, swap_last(key)).astype(jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  return batched_product(weights, value), (query, key, value, weights)
-
-
-def _heads_attention_backward(residuals, out_grad):
-  query, key, value, weights = residuals
-  weights_grad = batched_product(out_grad, swap_last(value)).astype(jnp.float32)
-  weights32 = weights.astype(jnp.float32)
-  logits_grad = (weights32 * (weights_grad - jnp.sum(weights_grad * weights32, -1, keepdims=True))).astype(query.dtype)
-  return (batched_product(logits_grad, key), batched_product(swap_last(logits_grad), query),
-          batched_product(swap_last(weights), out_grad))
-
-
-heads_attention.defvjp(_heads_attention_forward, _heads_attention_backward)
-
-
-def row_major_attention(query, key, value, *args, **kwargs):
-  """[B,T,N,H] x3 -> [B,T,N,H] through `heads_attention`, the heads-first operands written out."""
-  del args, kwargs
-  heads_first = lambda x: written_out(x.transpose(0, 2, 1, 3))  # pylint: disable=unnecessary-lambda-assignment
-  out = heads_attention(heads_first(query * query.shape[-1] ** -0.5), heads_first(key), heads_first(value))
-  return out.transpose(0, 2, 1, 3)
+  return jnp.concatenate([jax.nn.dot_product_attention(query[:half], key[:half], value[:half]),
+                          jax.nn.dot_product_attention(query[half:], key[half:], value[half:])])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -123,7 +75,7 @@ def _row_major_forward(columns, kernel, precision, preferred_element_type):
 def _row_major_backward(precision, preferred_element_type, residuals, output_grad):
   del preferred_element_type
   columns, kernel = residuals
-  columns_grad = lax.dot_general(output_grad.astype(kernel.dtype), written_out(kernel.T),
+  columns_grad = lax.dot_general(output_grad.astype(kernel.dtype), layers.written_out(kernel.T),
                                  (((output_grad.ndim - 1,), (0,)), ((), ())), precision=precision)
   rows = columns.size // columns.shape[-1]
   kernel_grad = lax.dot_general(columns.reshape(rows, -1), output_grad.astype(columns.dtype).reshape(rows, -1),
@@ -143,16 +95,15 @@ VARIANTS = {
     'padded_keys_attention': {'attention': lambda *a, **k: padded_attention(*a, **k, pad_queries=False)},
     'padded_8_attention': {'attention': lambda *a, **k: padded_attention(*a, **k, multiple=8)},
     'halves_attention': {'attention': halves_attention},
-    'row_major_attention': {'attention': row_major_attention},
+    'xla_attention': {'attention': lambda query, key, value: jax.nn.dot_product_attention(query, key, value)},
     'row_major_input_grad': {'columns_times_kernel': row_major_columns_times_kernel},
-    'row_major_both': {'attention': row_major_attention, 'columns_times_kernel': row_major_columns_times_kernel},
 }
 
 
 def time_variant(name: str, batch_size: int) -> dict:
   variant = VARIANTS[name]
   nnx.gelu = variant.get('gelu', _GELU)
-  jax.nn.dot_product_attention = variant.get('attention', _ATTENTION)
+  layers.backend_attention = variant.get('attention', _ATTENTION)
   layers.columns_times_kernel = variant.get('columns_times_kernel', _COLUMNS_TIMES_KERNEL)
   config = vit.get_config('paper')
   config.batch_size, config.data.name = batch_size, 'synthetic'

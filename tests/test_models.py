@@ -369,6 +369,43 @@ def test_linear_layers_take_xla_dot_general_off_the_cpu(monkeypatch):
   assert 'custom_vjp' not in jaxpr and 'dot_general' in jaxpr
 
 
+@pytest.mark.parametrize('shape', [(2, 65, 3, 64), (3, 5, 2, 8), (1, 1, 1, 4)])
+def test_cpu_attention_equals_jax_dot_product_attention_and_its_gradients(shape):
+  """[B,T,N,H]: the ViT-Ti/4 shape, a small one, and a single token."""
+  query, key, value = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+  weights = jax.random.normal(jax.random.key(3), shape)  # a loss that weighs every output differently
+
+  def loss(attention, query, key, value):
+    out = attention(query, key, value)
+    return jnp.sum(weights * jnp.tanh(out)), out
+
+  def value_and_grads(attention):
+    return jax.jit(jax.value_and_grad(functools.partial(loss, attention), argnums=(0, 1, 2), has_aux=True))(
+        query, key, value)
+
+  (_, expected), expected_grads = value_and_grads(jax.nn.dot_product_attention)
+  (_, got), got_grads = value_and_grads(layers.backend_attention)
+  assert 'custom_vjp' in str(jax.make_jaxpr(functools.partial(loss, layers.backend_attention))(query, key, value))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
+  for got_grad, expected_grad in zip(got_grads, expected_grads):
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=2e-5)
+
+
+def test_cpu_attention_in_bfloat16_stays_near_float32():
+  query, key, value = (jax.random.normal(jax.random.key(i), (2, 17, 2, 16)) for i in range(3))
+  expected = jax.nn.dot_product_attention(query, key, value)
+  got = layers.backend_attention(*(x.astype(jnp.bfloat16) for x in (query, key, value)))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), expected, atol=3e-2)
+
+
+def test_attention_is_xlas_own_off_the_cpu(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  query = jnp.ones((2, 5, 2, 8))
+  jaxpr = str(jax.make_jaxpr(layers.backend_attention)(query, query, query))
+  assert 'custom_vjp' not in jaxpr and 'optimization_barrier' not in jaxpr and 'dot_general' in jaxpr
+
+
 def test_matmul_conv_passes_grouped_convolutions_to_xla():
   images = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))

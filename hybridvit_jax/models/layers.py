@@ -347,6 +347,63 @@ class MLP(nnx.Module):
     return self.dropout(self.fc2(x), deterministic=not train, rngs=rngs)
 
 
+def written_out(x: jax.Array) -> jax.Array:
+  """`x` as an array of its own. XLA folds a transpose into the product that reads it, as a strided
+  operand; XLA:CPU hands a product to YNNPACK only when both operands are row-major with the batch
+  dimensions first, and runs any other on Eigen, one small product at a time. Behind an optimization
+  barrier the transpose is written out first and the product stays row-major."""
+  return lax.optimization_barrier(x)
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+  """[..., M, K] -> [..., K, M], written out."""
+  return written_out(jnp.swapaxes(x, -1, -2))
+
+
+def _heads_product(lhs: jax.Array, rhs: jax.Array, preferred_element_type=None) -> jax.Array:
+  """[B,N,M,K] x [B,N,K,O] -> [B,N,M,O]: both operands row-major, batch dimensions first."""
+  return lax.dot_general(lhs, rhs, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=preferred_element_type)
+
+
+@jax.custom_vjp
+def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """softmax(Q K^T / sqrt(H)) V on heads-first operands: [B,N,T,H] x3 -> [B,N,T,H].
+
+  The same math as `jax.nn.dot_product_attention` (logits and softmax in float32), with a gradient
+  written out so that all five products of the forward and backward read row-major operands: left to
+  autodiff, Q K^T and three of the backward products read a transposed operand (see `written_out`).
+  """
+  return _heads_first_attention_forward(query, key, value)[0]
+
+
+def _heads_first_attention_forward(query, key, value):
+  logits = _heads_product(query, _transposed(key), jnp.float32) * query.shape[-1] ** -0.5
+  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  return _heads_product(weights, value), (query, key, value, weights)
+
+
+def _heads_first_attention_backward(residuals, output_grad):
+  query, key, value, weights = residuals
+  weights_grad = _heads_product(output_grad, _transposed(value), jnp.float32)
+  weights32 = weights.astype(jnp.float32)
+  softmax_grad = weights32 * (weights_grad - jnp.sum(weights_grad * weights32, axis=-1, keepdims=True))
+  logits_grad = (softmax_grad * query.shape[-1] ** -0.5).astype(query.dtype)
+  return (_heads_product(logits_grad, key), _heads_product(_transposed(logits_grad), query),
+          _heads_product(_transposed(weights), output_grad))
+
+
+heads_first_attention.defvjp(_heads_first_attention_forward, _heads_first_attention_backward)
+
+
+def backend_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """Attention without dropout, [B,T,N,H] x3 -> [B,T,N,H]: on CPU `heads_first_attention` on
+  heads-first copies of the operands; elsewhere `jax.nn.dot_product_attention` (cuDNN on GPU)."""
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(query, key, value)
+  heads_first = lambda x: written_out(x.transpose(0, 2, 1, 3))  # pylint: disable=unnecessary-lambda-assignment
+  return heads_first_attention(heads_first(query), heads_first(key), heads_first(value)).transpose(0, 2, 1, 3)
+
+
 class MultiHeadSelfAttention(nnx.Module):
   """Self-attention with one fused qkv projection (with bias) and an output projection, as in timm."""
 
@@ -377,7 +434,7 @@ class MultiHeadSelfAttention(nnx.Module):
     if train and self.attention_dropout.rate > 0:
       heads = attention_with_weight_dropout(query, key, value, self.attention_dropout, rngs)
     else:
-      heads = jax.nn.dot_product_attention(query, key, value)
+      heads = backend_attention(query, key, value)
     out = self.proj(heads.reshape(batch, tokens, width))
     return self.dropout(out, deterministic=not train, rngs=rngs)
 
