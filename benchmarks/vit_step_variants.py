@@ -24,27 +24,25 @@ _GELU, _ATTENTION, _COLUMNS_TIMES_KERNEL = nnx.gelu, layers.backend_attention, l
 REPETITIONS, STEPS = 2, 4
 
 
-def einsum_attention(query, key, value, *args, **kwargs):
+def einsum_attention(query, key, value):
   """Attention spelled out as two einsums and a float32 softmax: [B,T,N,H] x3 -> [B,T,N,H]."""
-  del args, kwargs
   logits = jnp.einsum('bqnh,bknh->bnqk', query * query.shape[-1] ** -0.5, key)
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
   return jnp.einsum('bnqk,bknh->bqnh', weights, value)
 
 
-def heads_first_attention(query, key, value, *args, **kwargs):
-  """Attention on [B,N,T,H] operands (heads before tokens), as PyTorch lays them out."""
-  del args, kwargs
+def pytorch_layout_attention(query, key, value):
+  """Attention on [B,N,T,H] operands (heads before tokens), as PyTorch lays them out, left to
+  autodiff (unlike `layers.heads_first_attention`)."""
   query, key, value = (x.transpose(0, 2, 1, 3) for x in (query, key, value))
   weights = jax.nn.softmax(jnp.matmul(query * query.shape[-1] ** -0.5, key.transpose(0, 1, 3, 2)), axis=-1)
   return jnp.matmul(weights, value).transpose(0, 2, 1, 3)
 
 
-def padded_attention(query, key, value, *args, multiple=16, pad_queries=True, **kwargs):
+def padded_attention(query, key, value, multiple=16, pad_queries=True):
   """`jax.nn.dot_product_attention` on tokens zero-padded to a multiple of `multiple` (keys and
   values always, queries if `pad_queries`), the padded keys masked out: the same values, on
   products whose every dimension is a whole number of 16-float vectors (65 tokens are not)."""
-  del args, kwargs
   tokens = query.shape[1]
   padding = [(0, 0), (0, -tokens % multiple), (0, 0), (0, 0)]
   key, value = jnp.pad(key, padding), jnp.pad(value, padding)
@@ -53,9 +51,8 @@ def padded_attention(query, key, value, *args, multiple=16, pad_queries=True, **
   return jax.nn.dot_product_attention(query, key, value, mask=real_keys)[:, :tokens]
 
 
-def halves_attention(query, key, value, *args, **kwargs):
+def halves_attention(query, key, value):
   """Attention of each half of the batch apart: two independent products XLA may run at once."""
-  del args, kwargs
   half = query.shape[0] // 2
   return jnp.concatenate([jax.nn.dot_product_attention(query[:half], key[:half], value[:half]),
                           jax.nn.dot_product_attention(query[half:], key[half:], value[half:])])
@@ -90,12 +87,12 @@ VARIANTS = {
     'baseline': {},
     'tanh_gelu': {'gelu': lambda x, approximate=False: _GELU(x, approximate=True)},
     'einsum_attention': {'attention': einsum_attention},
-    'heads_first_attention': {'attention': heads_first_attention},
+    'heads_first_attention': {'attention': pytorch_layout_attention},
     'padded_attention': {'attention': padded_attention},
-    'padded_keys_attention': {'attention': lambda *a, **k: padded_attention(*a, **k, pad_queries=False)},
-    'padded_8_attention': {'attention': lambda *a, **k: padded_attention(*a, **k, multiple=8)},
+    'padded_keys_attention': {'attention': functools.partial(padded_attention, pad_queries=False)},
+    'padded_8_attention': {'attention': functools.partial(padded_attention, multiple=8)},
     'halves_attention': {'attention': halves_attention},
-    'xla_attention': {'attention': lambda query, key, value: jax.nn.dot_product_attention(query, key, value)},
+    'xla_attention': {'attention': jax.nn.dot_product_attention},
     'row_major_input_grad': {'columns_times_kernel': row_major_columns_times_kernel},
 }
 
